@@ -1,0 +1,32 @@
+# Fresh machine: `make repro` runs the pipeline, `make test` the tests; both create .venv first.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+# The env is rebuilt only when the lock or the package metadata change.
+STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install repro test bench clean-env
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+repro: install
+	dvc repro
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/data.py
+	$(PY) benchmarks/train_step.py
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,52 @@
+"""`cyclegan <stage>`: one subcommand per DVC stage, each reading params.yaml in the current folder."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import load_config
+from .errors import UserError
+
+STAGES = {
+    "download": "Fetch or generate the dataset into data/raw/<name>",
+    "prepare": "Validate, convert to RGB, resize; write data/prepared/<name>",
+    "train": "Train CycleGAN; resumes from models/checkpoints automatically",
+    "translate": "Translate the test sets both ways (or a folder of your images)",
+    "evaluate": "FID and KID with torch-fidelity, and ground-truth error on the embedded dataset",
+    "report": "Write reports/index.html",
+    "compare": "Compare experiments (dvc exp show or MLflow) against a param",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cyclegan", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help_text in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen stage is imported: stages import heavy libraries (torch-fidelity, mlflow).
+        if name in argv:
+            module = importlib.import_module(f"cyclegan.stages.{name}")
+            if hasattr(module, "add_arguments"):
+                module.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    try:
+        cfg = load_config(args.params)
+        importlib.import_module(f"cyclegan.stages.{args.stage}").main(cfg, args)
+    except UserError as e:
+        print(f"cyclegan {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cyclegan {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Prepared datasets: the on-disk format `prepare` writes and the loaders `train`/`translate` read.
+
+data/prepared/<name>/ holds one uint8 array per split, shape (N, H, W, 3), memory-mapped on read:
+  trainA.npy, trainB.npy       resized once to load_size x load_size (training crops from these)
+  testA.npy, testB.npy         resized to crop_size x crop_size (the official test-time input)
+  testA_target.npy, ...        the known translation of each test image (embedded dataset only)
+  manifest.json                source, sizes, file names per split, skipped files, content hash
+
+Training samples are a pure function of (seed, epoch, position): the A permutation, the random B
+partner, the crop offsets and the flip. Resuming at a position therefore needs no RNG state from
+the loader, and any number of workers or ranks produces the same samples.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("trainA", "trainB", "testA", "testB")
+TARGET_SPLITS = ("testA_target", "testB_target")
+MANIFEST = "manifest.json"
+RAW_ROOT = Path("data/raw")
+PREPARED_ROOT = Path("data/prepared")
+
+
+def dataset_name(dataset: str) -> str:
+    """`horse2zebra` -> horse2zebra; `/path/to/my_folders/` -> my_folders."""
+    p = Path(dataset)
+    return p.name if len(p.parts) > 1 or dataset.startswith(".") else dataset
+
+
+@dataclass
+class PreparedDataset:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | Path) -> "PreparedDataset":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no prepared dataset here; run `dvc repro prepare` first")
+        return cls(root, json.loads(path.read_text()))
+
+    def array(self, split: str) -> np.ndarray:
+        return np.load(self.root / f"{split}.npy", mmap_mode="r")
+
+    def has(self, split: str) -> bool:
+        return (self.root / f"{split}.npy").exists()
+
+    def names(self, split: str) -> list[str]:
+        return self.manifest["files"][split]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the generators' range."""
+    # A copy: the arrays are read-only memory maps, which torch must not alias.
+    t = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2)
+    return t.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as PIL would."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def epoch_length(n_a: int, n_b: int) -> int:
+    return max(n_a, n_b)
+
+
+class UnpairedTrainSet(Dataset):
+    """Item i of epoch e: A image perm_e[i] mod |A|, a random B, each randomly cropped and flipped."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, crop_size: int, flip: bool, seed: int):
+        self.a, self.b, self.crop, self.flip, self.seed = a, b, crop_size, flip, seed
+        self.epoch = 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        return rng.permutation(len(self)) % len(self.a)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._perm = epoch, self._permutation(epoch)
+
+    def __len__(self) -> int:
+        return epoch_length(len(self.a), len(self.b))
+
+    def _augment(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        h, w = img.shape[:2]
+        y = int(rng.integers(0, h - self.crop + 1))
+        x = int(rng.integers(0, w - self.crop + 1))
+        img = img[y:y + self.crop, x:x + self.crop]
+        if self.flip and rng.random() < 0.5:
+            img = img[:, ::-1]
+        return img.copy()  # contiguous, and no longer a view of the read-only memory map
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, 1, i])
+        a = self._augment(self.a[self._perm[i]], rng)
+        b = self._augment(self.b[int(rng.integers(0, len(self.b)))], rng)
+        # uint8 CHW: the float conversion happens on the training device.
+        return torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(b).permute(2, 0, 1)
+
+
+class PositionSampler(torch.utils.data.Sampler[int]):
+    """Positions start..n-1 of the epoch, every `world`-th from `rank`: resumable and shardable."""
+
+    def __init__(self, n: int, start: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.start, self.rank, self.world = n, start, rank, world
+
+    def __iter__(self):
+        return iter(range(self.start + self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.start + self.rank, self.n, self.world))

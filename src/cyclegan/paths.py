@@ -1,0 +1,15 @@
+"""Where each stage reads and writes, relative to the project root (as dvc.yaml declares them)."""
+from pathlib import Path
+
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+TRANSLATED = Path("data/translated")
+MODELS = Path("models")
+CHECKPOINTS = MODELS / "checkpoints"
+MLFLOW_RUN = MODELS / "mlflow_run.json"
+METRICS = Path("metrics")
+TRAIN_METRICS = METRICS / "train.json"
+TRAIN_LOSSES = METRICS / "train_losses.csv"
+EVAL_METRICS = METRICS / "eval.json"
+DATA_REPORT = METRICS / "data_report.json"
+REPORTS = Path("reports")

@@ -1,0 +1,118 @@
+"""`cyclegan translate`: every testA image to B and every testB image to A, as PNG.
+
+As a stage it writes data/translated/A2B/<name>.png and data/translated/B2A/<name>.png at the
+official test-time preprocessing (resized to crop_size, no crop or flip), or with
+eval.full_resolution at each image's own size, sides rounded to multiples of 4.
+With --input it translates any folder of your images with a given generator file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .. import paths
+from ..config import Config, ModelConfig
+from ..data import PreparedDataset, dataset_name, to_tensor, to_uint8
+from ..errors import UserError
+from ..fileio import atomic_dir
+from ..models import build_generator
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", type=Path, help="a folder of images to translate (instead of the test sets)")
+    parser.add_argument("--generator", type=Path, default=paths.MODELS / "G_A.pt",
+                        help="generator file for --input (models/G_A.pt: A->B, models/G_B.pt: B->A)")
+    parser.add_argument("--output", type=Path, help="output folder for --input")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("eval.device is 'cuda' but no CUDA device is visible; set eval.device: auto or cpu")
+    return torch.device(name)
+
+
+def load_generator(path: Path, device: torch.device) -> torch.nn.Module:
+    if not path.exists():
+        raise UserError(f"{path}: generator not found; run `dvc repro train` first")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = build_generator(ModelConfig(**saved["model"]))
+        net.load_state_dict(saved["state_dict"])
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise UserError(f"{path}: not a cyclegan generator file ({type(e).__name__}); retrain with `dvc repro train`") from None
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def translate_array(net: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3) through `net`, in batches."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(to_uint8(net(to_tensor(images[i:i + batch_size]).to(device))))
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); remove or replace it") from None
+
+
+def _multiple_of_4(image: Image.Image) -> Image.Image:
+    w, h = (max(4, int(round(s / 4)) * 4) for s in image.size)
+    return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
+
+
+@torch.no_grad()
+def translate_files(net: torch.nn.Module, files: list[Path], out_dir: Path, size: int | None,
+                    device: torch.device, desc: str) -> None:
+    """One image at a time, so images of different sizes can pass at full resolution."""
+    for f in tqdm(files, desc=desc, unit="img", disable=None):
+        image = _open_rgb(f)
+        image = image.resize((size, size), Image.BICUBIC) if size else _multiple_of_4(image)
+        fake = translate_array(net, np.asarray(image)[None], 1, device)[0]
+        Image.fromarray(fake).save(out_dir / f"{f.stem}.png")
+
+
+def translate_test_sets(cfg: Config, device: torch.device) -> None:
+    name = dataset_name(cfg.data.dataset)
+    data = PreparedDataset.open(paths.PREPARED / name)
+    with atomic_dir(paths.TRANSLATED) as out:
+        for direction, split, gen in (("A2B", "testA", "G_A.pt"), ("B2A", "testB", "G_B.pt")):
+            net = load_generator(paths.MODELS / gen, device)
+            (out / direction).mkdir()
+            if cfg.eval.full_resolution:
+                raw = paths.RAW / name / split
+                translate_files(net, [raw / f for f in data.names(split)], out / direction, None, device, direction)
+                continue
+            fakes = translate_array(net, np.asarray(data.array(split)), cfg.eval.batch_size, device)
+            for fname, fake in zip(tqdm(data.names(split), desc=direction, unit="img", disable=None), fakes):
+                Image.fromarray(fake).save(out / direction / f"{Path(fname).stem}.png")
+
+
+def main(cfg: Config, args=None) -> None:
+    device = select_device(cfg.eval.device)
+    if args is None or args.input is None:
+        translate_test_sets(cfg, device)
+        return
+    if not args.input.is_dir():
+        raise UserError(f"--input {args.input}: not a folder")
+    files = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"--input {args.input}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    output = args.output or args.input.with_name(f"{args.input.name}_translated")
+    net = load_generator(args.generator, device)
+    size = None if cfg.eval.full_resolution else cfg.data.crop_size
+    with atomic_dir(output) as out:
+        translate_files(net, files, out, size, device, "translate")
+    print(f"cyclegan translate: {len(files)} images -> {output}")
