@@ -29,7 +29,7 @@ PREPARED_ROOT = Path("data/prepared")
 
 def dataset_name(dataset: str) -> str:
     """`horse2zebra` -> horse2zebra; `/path/to/my_folders/` -> my_folders."""
-    p = Path(dataset)
+    p = Path(dataset).resolve() if dataset in (".", "..") else Path(dataset)
     return p.name if len(p.parts) > 1 or dataset.startswith(".") else dataset
 
 

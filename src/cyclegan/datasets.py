@@ -30,11 +30,11 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
 
 from tqdm import tqdm
 
@@ -279,10 +279,15 @@ def _fetch_once(url: str, part: Path, timeout: float, desc: str) -> bool:
     return total is None or size == total
 
 
-def http_download(url: str, part: Path, *, name: str, retries: int = RETRIES,
-                  backoff: float | None = None, timeout: float = TIMEOUT_S) -> None:
-    """Download `url` into `part`, resuming what is there; retries 5xx and network failures."""
+def http_download(url: str, part: Path, *, name: str, retries: int | None = None,
+                  backoff: float | None = None, timeout: float | None = None) -> None:
+    """Download `url` into `part`, resuming what is there; retries 5xx and network failures.
+
+    Defaults come from the module constants (and CYCLEGAN_DOWNLOAD_BACKOFF) at call time.
+    """
+    retries = RETRIES if retries is None else retries
     backoff = backoff_s() if backoff is None else backoff
+    timeout = TIMEOUT_S if timeout is None else timeout
     part.parent.mkdir(parents=True, exist_ok=True)
     fix = (
         f"check the network, or set {URL_ENV} to a mirror, a file:// URL or a local folder "
@@ -312,7 +317,9 @@ def http_download(url: str, part: Path, *, name: str, retries: int = RETRIES,
         progressed = part.exists() and part.stat().st_size > before
         failures = 1 if progressed else failures + 1
         if failures >= retries and not progressed:
-            raise UserError(f"cannot download {url} ({error}; {retries} attempts); {fix}")
+            kept = part.stat().st_size if part.exists() else 0
+            resume = f"; the {kept} bytes fetched are kept in {part} for the next run to resume" if kept else ""
+            raise UserError(f"cannot download {url} ({error}; {retries} attempts); {fix}{resume}")
         delay = min(backoff * 2 ** (failures - 1), MAX_BACKOFF_S)
         print(f"{url}: {error}; retrying in {delay:.3g} s", file=sys.stderr)
         time.sleep(delay)
@@ -470,7 +477,7 @@ def verify(root: Path, info: DatasetInfo, *, label: str) -> dict[str, int]:
         # sha256 releases the GIL: two threads keep two cores busy.
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             digests = list(pool.map(lambda rel: sha256_file(root / rel), present))
-        for rel, digest in zip(present, digests):
+        for rel, digest in zip(present, digests, strict=True):
             if digest != sums[rel]:
                 raise UserError(f"{label}: {rel} fails its sha256 check (got {digest[:16]}..., expected "
                                 f"{sums[rel][:16]}...); the download is corrupt or modified: download again")
@@ -544,7 +551,8 @@ def fetch(info: DatasetInfo, raw_root: Path) -> str:
         else:
             copy_images(Path(where), tmp)
             counts = verify(tmp, info, label=label)
-        checked = "sha256 of every file" if info.sha256sums else "official file counts" if info.counts else "non-empty splits"
+        checked = ("sha256 of every file" if info.sha256sums
+                   else "official file counts" if info.counts else "non-empty splits")
         write_marker(tmp, {"kind": "download", "dataset": info.name, "source": label, "counts": counts,
                            "verified": checked})
     return f"{dest}: fetched from {label}, verified ({checked}): {_fmt_counts(counts)}"

@@ -170,7 +170,6 @@ class Loaded:
     pixels: np.ndarray | None  # (size, size, 3) uint8, None when the image is bad
     reason: str | None  # why the image is bad
     sha256: str | None  # pixel_hash of the decoded, upright RGB image
-    source_size: tuple[int, int] | None  # width, height after EXIF orientation
     mode: str | None  # the file's Pillow mode before conversion
 
 
@@ -179,5 +178,5 @@ def load(job: Job) -> Loaded:
     try:
         im, mode = _open(job.path, job.min_size, job.background, job.max_pixels)
     except BadImage as e:
-        return Loaded(None, str(e), None, None, None)
-    return Loaded(resize_square(im, job.size), None, pixel_hash(im), im.size, mode)
+        return Loaded(None, str(e), None, None)
+    return Loaded(resize_square(im, job.size), None, pixel_hash(im), mode)

@@ -17,10 +17,10 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -54,7 +54,7 @@ class Split:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0,
-                        help="decoding processes (default 0: one per CPU core)")
+                        help="decoding processes (default 0: one per CPU core, or 1 for small datasets)")
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
@@ -86,7 +86,7 @@ def _plan(cfg: Config, raw: Path) -> tuple[dict[str, Split], list[str]]:
             splits[name] = Split(name, folder, splits[test].files, cfg.data.crop_size, partner=test)
             splits[test].partner = name
             present = set(files)
-            splits[name].reasons = {i: f"no matching file in {name}/"
+            splits[name].reasons = {i: f"missing; every {test}/ image needs a file of the same name in {name}/"
                                     for i, f in enumerate(splits[test].files) if f not in present}
     return splits, ignored
 
@@ -104,7 +104,9 @@ def _load_all(jobs: list[images.Job], workers: int) -> Iterator[images.Loaded]:
     if workers <= 1:
         yield from map(images.load, jobs)
         return
-    # forkserver/spawn, not fork: the parent has usually imported torch (threads) by now.
+    # forkserver/spawn, not fork: the parent has usually imported torch (threads) by now. Workers
+    # re-import the __main__ script, so a script driving this keeps torch out of its top level
+    # (as benchmarks/data.py does); the cyclegan CLI and pytest entry points are light.
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
     try:
@@ -141,10 +143,10 @@ def _duplicates(splits: dict[str, Split]) -> tuple[list[list[str]], list[list[st
     for s in splits.values():
         if s.name in TARGET_SPLITS:
             continue  # targets are expected to resemble the other domain's images
-        for f, ok, h in zip(s.files, s.ok, s.sha256):
+        for f, ok, h in zip(s.files, s.ok, s.sha256, strict=True):
             if ok:
                 by_hash[h].append(f"{s.name}/{f}")
-    groups = [g for g in by_hash.values() if len(g) > 1]
+    groups = [sorted(g) for g in by_hash.values() if len(g) > 1]
     train_test = [g for g in groups if {p.split("/")[0][:-1] for p in g} >= {"train", "test"}]
     within = [g for g in groups if g not in train_test]
     return sorted(train_test), sorted(within)
@@ -179,10 +181,9 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
     raw = raw_root / name
     splits, ignored = _plan(cfg, raw)
     policy = cfg.data.on_bad_image
-    if policy == "fail":
-        for s in splits.values():  # a test image without its target
-            for i, reason in s.reasons.items():
-                raise _bad(s, i, reason)
+    missing = next(((s, i, r) for s in splits.values() for i, r in s.reasons.items()), None)
+    if policy == "fail" and missing:  # a test image without its target
+        raise _bad(*missing)
 
     jobs = [(s, i) for s in splits.values() for i in range(len(s.files)) if i not in s.reasons]
     work = [images.Job(str(s.folder / s.files[i]), s.size, cfg.data.crop_size,
@@ -203,7 +204,7 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         for s in splits.values():
             s.ok, s.sha256 = [False] * len(s.files), [None] * len(s.files)
         with tqdm(total=len(work), unit="img", desc=f"prepare {name}", disable=None, leave=False) as bar:
-            for (s, i), result in zip(jobs, _load_all(work, n_workers)):
+            for (s, i), result in zip(jobs, _load_all(work, n_workers), strict=True):
                 bar.update()
                 if result.reason is not None:
                     if policy == "fail":
@@ -230,9 +231,9 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         train_test, within = _duplicates(splits)
         warnings = []
         if train_test:
-            n = sum(len(g) for g in train_test)
-            warnings.append(f"{len(train_test)} images appear in both training and test splits ({n} files); "
-                            f"listed under duplicates.train_test in {report_path}")
+            warnings.append(f"{len(train_test)} image(s) appear in both a training and a test split "
+                            f"(e.g. {' = '.join(train_test[0])}); all are listed under "
+                            f"duplicates.train_test in {report_path}")
         report.update({
             "counts": counts,
             "images_used": sum(c["used"] for c in counts.values()),
