@@ -1,0 +1,91 @@
+"""`cyclegan translate`: test sets both ways, full resolution, a user's folder, bad generator files."""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cyclegan import paths
+from cyclegan.cli import main as cli_main
+from cyclegan.config import config_from_dict
+from cyclegan.errors import UserError
+from cyclegan.models import build_generator
+from cyclegan.stages import translate
+from cyclegan.stages.train import save_generator
+
+SMALL = {"model": {"netG": "resnet_6blocks", "ngf": 4}, "data": {"load_size": 32, "crop_size": 32},
+         "eval": {"batch_size": 3}}
+
+
+def _project(tmp_path: Path, monkeypatch, **overrides) -> tuple:
+    monkeypatch.chdir(tmp_path)
+    raw = {**SMALL, **overrides}
+    cfg = config_from_dict(raw)
+    torch.manual_seed(0)
+    for name, direction in (("G_A.pt", "A2B"), ("G_B.pt", "B2A")):
+        save_generator(build_generator(cfg.model), cfg, direction, paths.MODELS / name)
+    rng = np.random.default_rng(0)
+    prepared = paths.PREPARED / "toy_horse2zebra"
+    prepared.mkdir(parents=True)
+    files = {}
+    for split, n in (("testA", 5), ("testB", 4)):
+        np.save(prepared / f"{split}.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+        files[split] = [f"{split}_{i}.jpg" for i in range(n)]
+        raw_dir = paths.RAW / "toy_horse2zebra" / split
+        raw_dir.mkdir(parents=True)
+        for i, name in enumerate(files[split]):  # raw images of odd sizes, for full resolution
+            Image.fromarray(rng.integers(0, 256, (30 + i, 45, 3), dtype=np.uint8)).save(raw_dir / name)
+    (prepared / "manifest.json").write_text(json.dumps({"files": files}))
+    return cfg, prepared
+
+
+def test_test_sets_both_ways_match_the_generators(tmp_path, monkeypatch):
+    cfg, prepared = _project(tmp_path, monkeypatch)
+    translate.main(cfg, None)
+    a2b = sorted((paths.TRANSLATED / "A2B").iterdir())
+    assert [p.name for p in a2b] == [f"testA_{i}.png" for i in range(5)]
+    assert len(list((paths.TRANSLATED / "B2A").iterdir())) == 4
+    # The PNG holds exactly what the generator computes, batch or no batch.
+    net = translate.load_generator(paths.MODELS / "G_A.pt", torch.device("cpu"))
+    expected = translate.translate_array(net, np.load(prepared / "testA.npy")[2:3], 1, torch.device("cpu"))[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(a2b[2])), expected)
+
+
+def test_full_resolution_keeps_each_size_rounded_to_multiples_of_4(tmp_path, monkeypatch):
+    cfg, _ = _project(tmp_path, monkeypatch, eval={"full_resolution": True})
+    translate.main(cfg, None)
+    sizes = [Image.open(p).size for p in sorted((paths.TRANSLATED / "A2B").iterdir())]
+    # The raw images are 45 wide and 30..34 high: each side goes to its nearest multiple of 4.
+    assert sizes == [(44, 32)] * 5
+
+
+def test_a_users_folder_with_a_chosen_generator(tmp_path, monkeypatch):
+    cfg, _ = _project(tmp_path, monkeypatch)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (50, 40), (200, 100, 0)).save(photos / "a.jpg")
+    Image.new("L", (32, 32), 90).save(photos / "b.png")
+    (photos / "notes.txt").write_text("not an image")
+    args = Namespace(input=photos, generator=paths.MODELS / "G_B.pt", output=tmp_path / "out")
+    translate.main(cfg, args)
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == ["a.png", "b.png"]
+    assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)  # resized to crop_size
+
+
+def test_bad_inputs_give_one_line(tmp_path, monkeypatch, capsys):
+    cfg, _ = _project(tmp_path, monkeypatch)
+    (paths.MODELS / "G_A.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="G_A.pt: not a cyclegan generator file"):
+        translate.main(cfg, None)
+    assert not paths.TRANSLATED.exists()  # nothing half-written
+
+    Path("params.yaml").write_text("data:\n  crop_size: 32\n  load_size: 32\n")
+    code = cli_main(["translate", "--input", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "missing: not a folder" in err
