@@ -80,6 +80,17 @@ def _mlflow():
     return mlflow
 
 
+def _use_experiment(mlflow) -> None:
+    # With a sqlite store MLflow puts artifacts under the cwd of whoever creates the experiment
+    # first; a queued experiment's cwd is a temp copy that DVC deletes. Pin them to the root.
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None and tracking_uri().startswith("sqlite:"):
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root() / "mlruns").as_uri())
+        except mlflow.exceptions.MlflowException:
+            pass  # created meanwhile by a parallel queued experiment
+    mlflow.set_experiment(EXPERIMENT)
+
+
 def read_run_id(path: Path = paths.MLFLOW_RUN) -> str | None:
     try:
         return json.loads(path.read_text())["run_id"]
@@ -91,7 +102,7 @@ def read_run_id(path: Path = paths.MLFLOW_RUN) -> str | None:
 def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[Any]:
     """Create (or, when resuming training, reopen) the run; its id goes to models/mlflow_run.json."""
     mlflow = _mlflow()
-    mlflow.set_experiment(EXPERIMENT)
+    _use_experiment(mlflow)
     run_name = os.environ.get("DVC_EXP_NAME") or None
     if resume_run_id:
         try:
@@ -111,7 +122,7 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
 def reattach(cfg: Config) -> Iterator[Any]:
     """Reopen the run that `train` created; a fresh run if the id is missing or the store is gone."""
     mlflow = _mlflow()
-    mlflow.set_experiment(EXPERIMENT)
+    _use_experiment(mlflow)
     run_id = read_run_id()
     if run_id:
         try:

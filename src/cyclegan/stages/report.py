@@ -1,0 +1,422 @@
+"""`cyclegan report`: reports/index.html, one page that says what this run did and how well.
+
+The page is self-contained (every image is a base64 data URI, the style is inline, there is no
+script), so it opens offline, from an MLflow artifact or a mail attachment alike. Sections:
+  dataset        reports/dataset_preview.png and the counts of metrics/data_report.json (prepare)
+  training       loss curves drawn from metrics/train_losses.csv
+  FID/KID        per epoch, when the MLflow run holds metric histories with step = epoch
+  samples        the first eval.n_samples test images both ways, rows input / translation /
+                 reconstruction / identity, computed here with models/G_A.pt and G_B.pt
+  metrics        metrics/eval.json with its protocol, and metrics/train.json
+  experiments    this run beside the other finished runs of the MLflow store (`cyclegan compare`)
+The PNGs are also written to reports/, and the page and PNGs are logged as artifacts of the run.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import paths, tracking
+from ..config import Config
+from ..data import PreparedDataset, dataset_name, to_tensor
+from ..errors import UserError
+from ..fileio import atomic_path, write_text
+from . import compare
+from .translate import load_generator, select_device
+
+REPORT = paths.REPORTS / "index.html"
+PREVIEW = paths.REPORTS / "dataset_preview.png"
+LOSS_PNG = paths.REPORTS / "loss_curves.png"
+EPOCH_PNG = paths.REPORTS / "fid_kid_per_epoch.png"
+SAMPLE_PNG = {"A2B": paths.REPORTS / "samples_A2B.png", "B2A": paths.REPORTS / "samples_B2A.png"}
+ARTIFACT_DIR = "report"
+GRID_ROWS = ("input", "translation", "reconstruction", "identity")
+# What train logs every train.eval_every epochs, with step = epoch.
+EPOCH_METRICS = ("train_fid_A2B", "train_fid_B2A", "train_kid_A2B", "train_kid_B2A")
+# Loss terms by what they measure; the CSV names them loss_<term>.
+LOSS_PANELS = {"adversarial": ("G_A", "G_B", "D_A", "D_B"),
+               "reconstruction": ("cycle_A", "cycle_B", "idt_A", "idt_B")}
+# Image grids are shown at this many screen pixels per image pixel, at most MAX_ZOOMED_WIDTH wide.
+ZOOM, MAX_ZOOMED_WIDTH = 3, 960
+
+
+def _require(files: dict[Path, str]) -> None:
+    """Each file -> the stage that writes it; the first missing one stops the report."""
+    for f, stage in files.items():
+        if not f.is_file():
+            raise UserError(f"{f}: missing; run `dvc repro` (or `dvc repro {stage}`) first")
+
+
+def _read_json(path: Path, stage: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; run `dvc repro {stage}` again") from None
+
+
+# --- figures ------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: stages run headless, in CI and in queued experiments
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def loss_curves_png(losses: pd.DataFrame) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, (title, terms) in zip(axes, LOSS_PANELS.items()):
+        for term in terms:
+            if f"loss_{term}" in losses:
+                ax.plot(losses["step"], losses[f"loss_{term}"], label=term, lw=1.2)
+        ax.set(title=f"{title} losses", xlabel="step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[2].plot(losses["step"], losses["lr"], color="tab:gray")
+    axes[2].set(title="learning rate", xlabel="step")
+    axes[2].ticklabel_format(axis="y", useOffset=False)
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def epoch_metrics_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, kind in zip(axes, ("fid", "kid")):
+        for name, points in history.items():
+            if name.startswith(f"train_{kind}_"):
+                epochs, values = zip(*points)
+                ax.plot(epochs, values, marker="o", label=name.removeprefix(f"train_{kind}_"))
+        ax.set(title=kind.upper(), xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+@torch.no_grad()
+def sample_grid_png(images: np.ndarray, forward: torch.nn.Module, backward: torch.nn.Module,
+                    device: torch.device) -> bytes:
+    """One column per image; rows as GRID_ROWS: x, G(x), F(G(x)) and F(x).
+
+    F(x) is the identity mapping the identity loss trains: the generator into x's own domain
+    should leave x unchanged.
+    """
+    import torchvision
+    from torchvision.transforms.functional import to_pil_image
+
+    real = to_tensor(images).to(device)
+    fake = forward(real)
+    rows = [real, fake, backward(fake), backward(real)]
+    grid = torchvision.utils.make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=2,
+                                       normalize=True, value_range=(-1, 1), pad_value=1.0)
+    buf = io.BytesIO()
+    to_pil_image(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """Everything the page shows, gathered before anything is written."""
+
+    cfg: Config
+    train: dict[str, Any]
+    evaluation: dict[str, Any]
+    losses: pd.DataFrame
+    samples: dict[str, bytes]          # direction -> grid PNG
+    n_samples: int
+    preview: bytes | None = None
+    data_report: dict[str, Any] | None = None
+    run_id: str = ""
+    run_name: str = ""
+    epoch_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    comparison: compare.Comparison | None = None
+
+
+def read_local_inputs(cfg: Config) -> Inputs:
+    """The files of the pipeline's stages, and the sample grids computed from the generators."""
+    prepared = paths.PREPARED / dataset_name(cfg.data.dataset)
+    generators = {"G_A": paths.MODELS / "G_A.pt", "G_B": paths.MODELS / "G_B.pt"}
+    _require({prepared / "manifest.json": "prepare", prepared / "testA.npy": "prepare",
+              prepared / "testB.npy": "prepare", generators["G_A"]: "train", generators["G_B"]: "train",
+              paths.MLFLOW_RUN: "train", paths.TRAIN_METRICS: "train", paths.TRAIN_LOSSES: "train",
+              paths.EVAL_METRICS: "evaluate"})
+    try:
+        losses = pd.read_csv(paths.TRAIN_LOSSES)
+    except (ValueError, pd.errors.EmptyDataError):
+        raise UserError(f"{paths.TRAIN_LOSSES}: not a loss table; run `dvc repro train` again") from None
+    if "step" not in losses or "lr" not in losses:
+        raise UserError(f"{paths.TRAIN_LOSSES}: no step/lr columns; run `dvc repro train` again")
+
+    data = PreparedDataset.open(prepared)
+    device = select_device(cfg.eval.device)
+    G_A = load_generator(generators["G_A"], device)
+    G_B = load_generator(generators["G_B"], device)
+    n = cfg.eval.n_samples
+    samples = {}
+    if n:
+        for direction, split, forward, backward in (("A2B", "testA", G_A, G_B), ("B2A", "testB", G_B, G_A)):
+            images = np.array(data.array(split)[:n])
+            if len(images):
+                samples[direction] = sample_grid_png(images, forward, backward, device)
+
+    inputs = Inputs(cfg=cfg, train=_read_json(paths.TRAIN_METRICS, "train"),
+                    evaluation=_read_json(paths.EVAL_METRICS, "evaluate"),
+                    losses=losses, samples=samples, n_samples=n)
+    if PREVIEW.is_file():
+        inputs.preview = PREVIEW.read_bytes()
+    if paths.DATA_REPORT.is_file():
+        inputs.data_report = _read_json(paths.DATA_REPORT, "prepare")
+    return inputs
+
+
+def read_run_inputs(inputs: Inputs, mlflow) -> None:
+    """What only the MLflow store knows: the run's identity, per-epoch scores, the other runs."""
+    run = mlflow.active_run()
+    inputs.run_id = run.info.run_id
+    inputs.run_name = run.info.run_name or ""
+    client = mlflow.MlflowClient()
+    for name in EPOCH_METRICS:
+        points = sorted((m.step, m.value) for m in client.get_metric_history(inputs.run_id, name))
+        if points:
+            inputs.epoch_history[name] = points
+    try:
+        # This run is still open (status RUNNING) while the report reattaches to it.
+        runs = compare.load_mlflow(mlflow.get_tracking_uri(), include=[inputs.run_id])
+        if len(runs) > 1:
+            comparison = compare.select(runs)
+            if len(comparison.table) > 1:
+                inputs.comparison = comparison
+    except UserError:
+        pass  # other runs without FID/KID, or none at all: the page has no comparison
+
+
+# --- page ---------------------------------------------------------------------------------
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
+       padding: 0 1rem; color: #222; line-height: 1.45; }
+h1 { margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2.2rem; }
+.muted { color: #666; font-size: .92rem; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .92rem; }
+th, td { border: 1px solid #ddd; padding: .25rem .6rem; text-align: left; vertical-align: top; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f5f5f5; }
+img { max-width: 100%; }
+.grid { display: flex; gap: .6rem; align-items: stretch; margin: .4rem 0 1.2rem; }
+.grid .labels { display: flex; flex-direction: column; justify-content: space-around; text-align: right;
+                font-size: .85rem; color: #444; }
+img.pixels { image-rendering: pixelated; }
+code { background: #f3f3f3; padding: 0 .25rem; border-radius: 3px; }
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _img(png: bytes, alt: str, zoom: bool = False) -> str:
+    """An inline PNG; `zoom` enlarges small pixel images (the test images may be 32 px) sharply."""
+    data = base64.b64encode(png).decode("ascii")
+    size = ""
+    if zoom:
+        # PNG's IHDR chunk: the width is the big-endian int at bytes 16..20.
+        width = min(int.from_bytes(png[16:20], "big") * ZOOM, MAX_ZOOMED_WIDTH)
+        size = f' width="{width}" class="pixels"'
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}"{size}>'
+
+
+def _table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None) -> str:
+    def cell(v: Any, tag: str = "td") -> str:
+        if isinstance(v, dict):  # nested protocol entries become nested tables
+            return f"<{tag}>{_table(v.items())}</{tag}>"
+        cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
+        return f"<{tag}{cls}>{html.escape(_fmt(v))}</{tag}>"
+
+    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _header(inputs: Inputs) -> str:
+    cfg, train = inputs.cfg, inputs.train
+    facts = [
+        ("dataset", cfg.data.dataset), ("image size", cfg.data.crop_size),
+        ("generator", f"{cfg.model.netG}, ngf {cfg.model.ngf}"), ("discriminator", f"{cfg.model.netD}, ndf {cfg.model.ndf}"),
+        ("lambda_cycle", cfg.lambda_cycle), ("lambda_identity", cfg.lambda_identity),
+        ("identity_weight_effective", cfg.identity_weight),
+        ("epochs", f"{train.get('epochs', '?')} of {cfg.train.n_epochs + cfg.train.n_epochs_decay}"),
+        ("steps", train.get("steps", "?")), ("device", train.get("device", "?")),
+        ("MLflow run", f"{inputs.run_name} ({inputs.run_id})" if inputs.run_name else inputs.run_id),
+    ]
+    return (f"<h1>CycleGAN report: {html.escape(cfg.data.dataset)}</h1>\n"
+            f'<p class="muted">Written by <code>cyclegan report</code> from the outputs of '
+            f"<code>dvc repro</code>; self-contained, works offline.</p>\n{_table(facts)}")
+
+
+def _dataset_section(inputs: Inputs) -> str:
+    parts = []
+    if inputs.preview:
+        parts.append(_img(inputs.preview, "dataset preview", zoom=True))
+    else:
+        parts.append(f'<p class="muted">No {PREVIEW} (written by <code>dvc repro prepare</code>).</p>')
+    report = inputs.data_report or {}
+    counts = report.get("counts")
+    if isinstance(counts, dict):
+        rows = [(split, c.get("found"), c.get("used"), c.get("skipped")) for split, c in counts.items()]
+        parts.append(_table(rows, ("split", "found", "used", "skipped")))
+    for warning in report.get("warnings") or []:
+        parts.append(f'<p class="muted">Warning: {html.escape(str(warning))}</p>')
+    return _section("dataset", "Dataset", "\n".join(parts))
+
+
+def _losses_section(loss_png: bytes) -> str:
+    body = (_img(loss_png, "training loss curves")
+            + f'<p class="muted">From {paths.TRAIN_LOSSES}, one point every train.log_every steps.</p>')
+    return _section("losses", "Training losses", body)
+
+
+def _epoch_section(epoch_png: bytes) -> str:
+    body = (_img(epoch_png, "FID and KID per epoch")
+            + '<p class="muted">Logged to the MLflow run during training (train.eval_every).</p>')
+    return _section("per-epoch", "FID/KID per epoch", body)
+
+
+def _samples_section(inputs: Inputs) -> str:
+    if not inputs.samples:
+        return _section("samples", "Test samples", '<p class="muted">eval.n_samples is 0: no samples.</p>')
+    names = {"A2B": ("testA", "G_A", "G_B"), "B2A": ("testB", "G_B", "G_A")}
+    parts = []
+    for direction, png in inputs.samples.items():
+        split, forward, backward = names[direction]
+        labels = (f"input ({split})", f"translation {forward}(x)", f"reconstruction {backward}({forward}(x))",
+                  f"identity {backward}(x)")
+        parts.append(
+            f"<h3>{direction[0]} &rarr; {direction[2]}</h3>\n<div class=\"grid\"><div class=\"labels\">"
+            + "".join(f"<div>{html.escape(label)}</div>" for label in labels)
+            + f"</div>{_img(png, f'{direction} samples', zoom=True)}</div>")
+    intro = (f'<p class="muted">The first {inputs.n_samples} test images of each domain (eval.n_samples), '
+             "one per column.</p>")
+    return _section("samples", "Test samples", intro + "\n".join(parts))
+
+
+def _metrics_section(inputs: Inputs) -> str:
+    ev = inputs.evaluation
+    scalars = {k: v for k, v in ev.items() if not isinstance(v, (dict, list))}
+    directions = [d for d in ("A2B", "B2A", "baseline") if f"fid_{d}" in scalars]
+    rows = [(d, scalars.get(f"fid_{d}", ""), scalars.get(f"kid_{d}", ""), scalars.get(f"kid_std_{d}", ""))
+            for d in directions]
+    shown = {f"{m}_{d}" for d in directions for m in ("fid", "kid", "kid_std")}
+    parts = [
+        "<h3>FID and KID</h3>",
+        _table(rows, ("comparison", "FID", "KID", "KID std")),
+        '<p class="muted">A2B: translations of testA against real testB; B2A: translations of testB '
+        "against real testA; baseline: real testA against real testB (translating by doing nothing). "
+        "Lower is better.</p>",
+    ]
+    others = [(k, v) for k, v in sorted(scalars.items()) if k not in shown]
+    if others:
+        parts += ["<h3>Other evaluation metrics</h3>", _table(others, ("metric", "value"))]
+    protocol = ev.get("protocol")
+    if isinstance(protocol, dict):
+        parts += ["<h3>Protocol</h3>", _table(protocol.items(), ("", ""))]
+    parts += [f"<h3>Training ({paths.TRAIN_METRICS})</h3>", _table(sorted(inputs.train.items()), ("metric", "value"))]
+    return _section("metrics", f"Metrics ({paths.EVAL_METRICS})", "\n".join(parts))
+
+
+def _comparison_section(comparison: compare.Comparison, run_id: str) -> str:
+    table = comparison.table
+    id_col = list(table.columns).index("id")
+    rows = [list(r) for r in table.itertuples(index=False)]
+    for row in rows:
+        if run_id.startswith(str(row[id_col])):
+            row[id_col] = f"{row[id_col]} (this run)"
+    body = _table(rows, list(table.columns))
+    intro = (f'<p class="muted">Finished runs of the MLflow experiment "{tracking.EXPERIMENT}", by '
+             f"{html.escape(comparison.param)}; <code>cyclegan compare</code> writes the same table "
+             "to reports/compare.csv.</p>")
+    return _section("experiments", "Experiments", intro + body + _img(compare.plot_png(comparison), "metrics vs param"))
+
+
+def render(inputs: Inputs, figures: dict[str, bytes | None]) -> str:
+    sections = [
+        _header(inputs),
+        _dataset_section(inputs),
+        _losses_section(figures["losses"]),
+    ]
+    if figures.get("per_epoch"):
+        sections.append(_epoch_section(figures["per_epoch"]))
+    sections += [_samples_section(inputs), _metrics_section(inputs)]
+    if inputs.comparison is not None:
+        sections.append(_comparison_section(inputs.comparison, inputs.run_id))
+    title = f"CycleGAN report: {inputs.cfg.data.dataset}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+
+
+def _write_png(path: Path, png: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return path
+
+
+def build(cfg: Config) -> Path:
+    """Write reports/index.html and its PNGs, and log them to the run; returns the page's path."""
+    inputs = read_local_inputs(cfg)
+    figures: dict[str, bytes | None] = {"losses": loss_curves_png(inputs.losses)}
+    with tracking.reattach(cfg) as mlflow:
+        read_run_inputs(inputs, mlflow)
+        figures["per_epoch"] = epoch_metrics_png(inputs.epoch_history) if inputs.epoch_history else None
+        written = [_write_png(LOSS_PNG, figures["losses"])]
+        if figures["per_epoch"]:
+            written.append(_write_png(EPOCH_PNG, figures["per_epoch"]))
+        written += [_write_png(SAMPLE_PNG[d], png) for d, png in inputs.samples.items()]
+        for stale in {EPOCH_PNG, *SAMPLE_PNG.values()} - set(written):  # from an earlier report
+            stale.unlink(missing_ok=True)
+        write_text(REPORT, render(inputs, figures))
+        for path in (REPORT, *written):
+            mlflow.log_artifact(str(path), ARTIFACT_DIR)
+    print(f"cyclegan report: {REPORT} (+ {', '.join(p.name for p in written)}), logged to MLflow run "
+          f"{inputs.run_id}", file=sys.stderr)
+    return REPORT
+
+
+def main(cfg: Config, args=None) -> None:
+    build(cfg)

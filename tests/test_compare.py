@@ -1,0 +1,214 @@
+"""`cyclegan compare` on real sources: `dvc exp show --json` of a tiny DVC project run here (git +
+DVC, one stage writing metrics the way the pipeline's stages name them) and a real MLflow store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from argparse import Namespace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from cyclegan import tracking
+from cyclegan.config import config_from_dict
+from cyclegan.errors import UserError
+from cyclegan.stages import compare
+
+# A stand-in for train + evaluate: metrics that depend on the params, in the pipeline's files.
+STAGE_SCRIPT = """\
+import json, os, yaml
+p = yaml.safe_load(open("params.yaml"))
+lam, lr = p["lambda_identity"], p["train"]["lr"]
+os.makedirs("metrics", exist_ok=True)
+json.dump({"fid_A2B": 100 - 10 * lam, "kid_A2B": 0.1 - 0.01 * lam, "fid_B2A": 90 + lam,
+           "kid_B2A": 0.05, "protocol": {"kid_subsets": 100}}, open("metrics/eval.json", "w"))
+json.dump({"steps": 4, "identity_weight_effective": p["lambda_cycle"] * lam}, open("metrics/train.json", "w"))
+"""
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory) -> Path:
+    """Baseline lambda_identity 0.5 (not run), experiments at 0 and 1 (and lr 0.001), one queued."""
+    repo = tmp_path_factory.mktemp("dvc_repo")
+    (repo / "stage.py").write_text(STAGE_SCRIPT)
+    (repo / "params.yaml").write_text(yaml.safe_dump(
+        {"lambda_cycle": 10.0, "lambda_identity": 0.5, "train": {"lr": 0.0002, "n_epochs": 3}}))
+    (repo / "dvc.yaml").write_text(textwrap.dedent(f"""\
+        stages:
+          evaluate:
+            cmd: {sys.executable} stage.py
+            deps: [stage.py]
+            params: [lambda_cycle, lambda_identity, train.lr]
+            metrics:
+              - metrics/eval.json:
+                  cache: false
+              - metrics/train.json:
+                  cache: false
+        """))
+    _run(["git", "init", "-q"], repo)
+    dvc("init", "-q", cwd=repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "baseline"], repo)
+    dvc("exp", "run", "-q", "-n", "idt-0", "-S", "lambda_identity=0", cwd=repo)
+    dvc("exp", "run", "-q", "-n", "idt-1", "-S", "lambda_identity=1", "-S", "train.lr=0.001", cwd=repo)
+    dvc("exp", "run", "-q", "--queue", "-n", "idt-2", "-S", "lambda_identity=2", cwd=repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def exp_show(dvc_repo) -> list:
+    return json.loads(dvc("exp", "show", "--json", cwd=dvc_repo))
+
+
+def test_parse_dvc_exp_show(exp_show):
+    df = compare.parse_dvc_exp_show(exp_show)
+    by_name = df.set_index("experiment")
+    # The queued experiment has no results; the workspace repeats idt-1 (the last run) and goes.
+    assert set(by_name.index) == {"master", "idt-0", "idt-1"}
+    assert by_name.loc["idt-0", "lambda_identity"] == 0
+    assert by_name.loc["idt-1", "train.lr"] == pytest.approx(0.001)
+    assert by_name.loc["idt-1", "fid_A2B"] == pytest.approx(90.0)
+    assert by_name.loc["idt-0", "kid_A2B"] == pytest.approx(0.1)
+    assert by_name.loc["idt-1", "identity_weight_effective"] == pytest.approx(10.0)
+    assert by_name.loc["idt-0", "protocol.kid_subsets"] == 100
+    # The baseline commit was never run: params, no metrics.
+    assert by_name.loc["master", "lambda_identity"] == 0.5
+    assert pd.isna(by_name.loc["master", "fid_A2B"])
+    assert len(by_name.loc["idt-0", "id"]) == 7
+
+
+def test_metric_never_hides_a_param():
+    rev = {"rev": "a" * 40, "name": "x", "error": None,
+           "data": {"params": {"params.yaml": {"data": {"steps": 5}}, "extra.yaml": {"data": {"k": 1}}},
+                    "metrics": {"metrics/train.json": {"data": {"steps": 4}},
+                                "metrics/eval.json": {"error": {"type": "FileNotFoundError"}}}}}
+    df = compare.parse_dvc_exp_show([{**rev, "experiments": None}])
+    row = df.iloc[0]
+    assert row["steps"] == 5 and row["metrics/train.json:steps"] == 4 and row["extra.yaml:k"] == 1
+    assert row["id"] == "a" * 7
+
+
+def test_select_sorts_by_param_and_keeps_varying_params(dvc_repo):
+    comparison = compare.select(compare.load_dvc(dvc_repo))
+    table = comparison.table
+    assert list(table["experiment"]) == ["idt-0", "idt-1"]  # master has no metrics
+    assert comparison.metrics == ["fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A"]
+    # train.lr and the effective identity weight differ between the two; lambda_cycle does not.
+    assert list(table.columns) == ["experiment", "id", "lambda_identity", "train.lr", "identity_weight_effective",
+                                   "fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A"]
+    assert list(table["fid_A2B"]) == [100.0, 90.0]
+
+
+def test_select_errors_name_what_exists(dvc_repo):
+    df = compare.load_dvc(dvc_repo)
+    with pytest.raises(UserError, match=r"--param lambda_idt: no experiment has it; known columns: .*lambda_identity"):
+        compare.select(df, "lambda_idt")
+    with pytest.raises(UserError, match=r"--metric fid: no experiment has it"):
+        compare.select(df, "lambda_identity", ["fid"])
+    with pytest.raises(UserError, match="no finished experiments"):
+        compare.select(pd.DataFrame())
+
+
+def test_load_dvc_outside_a_repo(tmp_path):
+    with pytest.raises(UserError, match="dvc exp show --json` failed"):
+        compare.load_dvc(tmp_path)
+
+
+def test_main_writes_csv_markdown_and_plot(dvc_repo, monkeypatch, capsys):
+    monkeypatch.chdir(dvc_repo)
+    compare.main(None, Namespace(param="lambda_identity", metrics=["fid_A2B", "kid_A2B"], source="dvc"))
+    table = pd.read_csv(dvc_repo / "reports/compare.csv")
+    assert list(table["experiment"]) == ["idt-0", "idt-1"]
+    assert list(table.columns)[-2:] == ["fid_A2B", "kid_A2B"]
+    md = (dvc_repo / "reports/compare.md").read_text().splitlines()
+    assert md[0].startswith("| experiment | id | lambda_identity |") and md[1].startswith("|---|")
+    assert len(md) == 4 and "| idt-0 |" in md[2] and "| 100 |" in md[2]
+    with Image.open(dvc_repo / "reports/compare.png") as im:
+        assert im.format == "PNG" and im.width > 500
+    out = capsys.readouterr()
+    assert "idt-1" in out.out and "2 experiments from dvc" in out.err
+
+
+def test_plot_of_a_string_param():
+    table = pd.DataFrame({"experiment": ["a", "b", "c"], "id": ["1", "2", "3"],
+                          "model.netG": ["unet_128", "resnet_6blocks", "unet_128"], "fid_A2B": [3.0, 2.0, 4.0]})
+    png = compare.plot_png(compare.Comparison(table, "model.netG", ["fid_A2B"]))
+    assert png.startswith(b"\x89PNG")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """Three finished runs as train + evaluate log them, one failed run, one still running."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ids = {}
+    for lam, fid in ((1.0, 80.0), (0.0, 95.5), (0.5, 88.25)):
+        cfg = config_from_dict({"lambda_identity": lam})
+        with tracking.start_training_run(cfg) as mlflow:
+            mlflow.log_metrics({"fid_A2B": fid, "kid_A2B": fid / 1000, "fid_B2A": fid + 1, "kid_B2A": 0.01})
+            ids[lam] = mlflow.active_run().info.run_id
+    import mlflow
+
+    with mlflow.start_run(run_name="crashed"):
+        mlflow.log_metric("fid_A2B", 1.0)
+        mlflow.end_run("FAILED")
+    running = mlflow.start_run(run_name="in-progress")
+    mlflow.log_metric("fid_A2B", 2.0)
+    yield ids, running.info.run_id
+    mlflow.end_run()
+
+
+def test_load_mlflow(mlflow_store):
+    ids, running = mlflow_store
+    df = compare.load_mlflow()
+    assert sorted(df["id"]) == sorted(i[:8] for i in ids.values())
+    # Params come back typed, as params.yaml has them; identity_weight_effective is train's param.
+    row = df.set_index("id").loc[ids[0.5][:8]]
+    assert row["lambda_identity"] == 0.5 and row["model.ngf"] == 64 and row["identity_weight_effective"] == 5.0
+    assert row["fid_A2B"] == 88.25
+
+    comparison = compare.select(df)
+    assert list(comparison.table["lambda_identity"]) == [0.0, 0.5, 1.0]
+    assert list(comparison.table["fid_A2B"]) == [95.5, 88.25, 80.0]
+    assert "identity_weight_effective" in comparison.table.columns
+
+    with_running = compare.load_mlflow(include=[running])
+    assert running[:8] in set(with_running["id"]) and len(with_running) == 4
+
+
+def test_main_from_mlflow(mlflow_store, tmp_path, capsys):
+    compare.main(None, Namespace(param="lambda_identity", metrics=None, source="mlflow"))
+    table = pd.read_csv(tmp_path / "reports/compare.csv")
+    assert list(table["fid_A2B"]) == [95.5, 88.25, 80.0]
+    assert "3 experiments from mlflow" in capsys.readouterr().err
+
+
+def test_missing_mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
+    with pytest.raises(UserError, match="no MLflow store"):
+        compare.load_mlflow()
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_markdown_escapes_pipes_and_formats_floats():
+    table = pd.DataFrame({"experiment": ["a|b"], "fid": [1.23456789], "missing": [float("nan")]})
+    assert compare.to_markdown(table).splitlines()[2] == "| a\\|b | 1.23457 |  |"

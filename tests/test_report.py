@@ -1,0 +1,239 @@
+"""`cyclegan report` on a small but real project: toy test images, generators saved by `train`'s
+own save_generator, metrics files in the stages' formats and a real MLflow sqlite store holding
+this run (with per-epoch FID/KID) and a second run to compare with.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cyclegan import cli, paths, tracking
+from cyclegan.config import config_from_dict
+from cyclegan.data import to_tensor, to_uint8
+from cyclegan.errors import UserError
+from cyclegan.models import build_networks
+from cyclegan.stages import report
+from cyclegan.stages.train import LOSS_TERMS, save_generator
+from cyclegan.toy_dataset import render_scene
+
+SIZE = 32
+N_TEST = 5
+N_SAMPLES = 3
+PARAMS = {
+    "lambda_identity": 0.5,
+    "data": {"dataset": "toy_horse2zebra", "load_size": SIZE, "crop_size": SIZE},
+    "model": {"netG": "resnet_6blocks", "ngf": 4, "ndf": 4},
+    "train": {"n_epochs": 1, "n_epochs_decay": 1, "device": "cpu"},
+    "eval": {"n_samples": N_SAMPLES, "device": "cpu", "batch_size": 4},
+}
+EVAL = {
+    "fid_A2B": 123.456789, "kid_A2B": 0.0421337, "kid_std_A2B": 0.0031,
+    "fid_B2A": 98.7654321, "kid_B2A": 0.0312345, "kid_std_B2A": 0.0022,
+    "fid_baseline": 150.25, "kid_baseline": 0.0876, "kid_std_baseline": 0.004,
+    "gt_l1_A2B": 0.0712345, "gt_l1_identity": 0.0456789,
+    "protocol": {"implementation": "torch-fidelity 0.3.0", "feature_extractor": "inception-v3-compat",
+                 "reference": {"A2B": "testB", "B2A": "testA", "baseline": "testA vs testB"},
+                 "kid_subset_size": {"A2B": N_TEST, "B2A": N_TEST, "baseline": N_TEST}},
+}
+TRAIN = {"steps": 8, "epochs": 2, "device": "cpu", "identity_weight_effective": 5.0,
+         "loss_G_A": 0.87654, "train_seconds_this_run": 1.5}
+
+
+def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarray]:
+    """Every file the report stage reads, in the formats the other stages write."""
+    prepared = root / paths.PREPARED / "toy_horse2zebra"
+    prepared.mkdir(parents=True)
+    sets = {"testA": [], "testB": []}
+    for i in range(N_TEST):
+        a, b = render_scene(np.random.default_rng([7, i]), SIZE)
+        sets["testA"].append(a)
+        sets["testB"].append(b)
+    sets = {k: np.stack(v) for k, v in sets.items()}
+    names = [f"{i:03d}.png" for i in range(N_TEST)]
+    for split, array in sets.items():
+        np.save(prepared / f"{split}.npy", array)
+    (prepared / "manifest.json").write_text(json.dumps({"files": {"testA": names, "testB": names}}))
+
+    nets = build_networks(cfg.model, seed=3)
+    save_generator(nets["G_A"], cfg, "A2B", root / paths.MODELS / "G_A.pt")
+    save_generator(nets["G_B"], cfg, "B2A", root / paths.MODELS / "G_B.pt")
+
+    (root / paths.METRICS).mkdir()
+    (root / paths.TRAIN_METRICS).write_text(json.dumps(TRAIN))
+    (root / paths.EVAL_METRICS).write_text(json.dumps(EVAL))
+    with open(root / paths.TRAIN_LOSSES, "w", newline="") as f:
+        fields = ["step", "epoch", "lr"] + [f"loss_{t}" for t in LOSS_TERMS] + ["images_per_s"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for step in (2, 4, 6, 8):
+            writer.writerow({"step": step, "epoch": 1 + step // 5, "lr": 2e-4, "images_per_s": 10.0,
+                             **{f"loss_{t}": 1.0 / step + i for i, t in enumerate(LOSS_TERMS)}})
+    (root / paths.DATA_REPORT).write_text(json.dumps(
+        {"counts": {"testA": {"found": N_TEST + 1, "used": N_TEST, "skipped": 1}}, "warnings": []}))
+    if preview:
+        (root / paths.REPORTS).mkdir()
+        Image.new("RGB", (40, 20), (10, 200, 30)).save(root / report.PREVIEW)
+    return sets
+
+
+def start_run(cfg, fid_history: bool) -> str:
+    """A run as `train` and `evaluate` leave it (models/mlflow_run.json written by train's tracking)."""
+    with tracking.start_training_run(cfg) as mlflow:
+        if fid_history:  # as train logs them with train.eval_every: 1
+            for epoch, fid in ((1, 180.0), (2, 140.0)):
+                mlflow.log_metrics({"train_fid_A2B": fid, "train_kid_A2B": fid / 1000, "train_fid_B2A": fid - 20,
+                                    "train_kid_B2A": fid / 2000}, step=epoch)
+        # as evaluate logs its scores
+        mlflow.log_metrics({k: v for k, v in EVAL.items() if isinstance(v, float)})
+        return mlflow.active_run().info.run_id
+
+
+def other_run(lambda_identity: float, fid: float) -> None:
+    """Another finished experiment in the store, logged as train would; its id file is restored."""
+    keep = paths.MLFLOW_RUN.read_text()
+    cfg = config_from_dict({**PARAMS, "lambda_identity": lambda_identity})
+    with tracking.start_training_run(cfg) as mlflow:
+        mlflow.log_metrics({"fid_A2B": fid, "kid_A2B": 0.05, "fid_B2A": fid + 1, "kid_B2A": 0.06})
+    paths.MLFLOW_RUN.write_text(keep)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A project with every input, one comparison run, and the report built once."""
+    root = tmp_path_factory.mktemp("report")
+    cfg = config_from_dict(PARAMS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        sets = write_inputs(root, cfg)
+        run_id = start_run(cfg, fid_history=True)
+        other_run(0.0, 111.0)
+        report.main(cfg)
+        import mlflow
+
+        artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, report.ARTIFACT_DIR)]
+        yield {"root": root, "cfg": cfg, "sets": sets, "run_id": run_id, "artifacts": artifacts,
+               "html": (root / report.REPORT).read_text()}
+
+
+def test_page_is_self_contained(built):
+    page = built["html"]
+    assert page.startswith("<!DOCTYPE html>")
+    # Nothing loaded from elsewhere: no URLs in src/href, no scripts or stylesheets by link.
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    for src in images:
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    # Preview, losses, per-epoch, two sample grids, comparison plot.
+    assert len(images) == 6
+
+
+def test_page_has_every_section(built):
+    page = built["html"]
+    for anchor in ("dataset", "losses", "per-epoch", "samples", "metrics", "experiments"):
+        assert f'<section id="{anchor}">' in page, anchor
+    for text in ("Protocol", "inception-v3-compat", "torch-fidelity 0.3.0", "testA vs testB",
+                 "input (testA)", "reconstruction G_B(G_A(x))", "identity G_A(x)", built["run_id"]):
+        assert text in page, text
+
+
+def test_page_shows_metric_values(built):
+    page = built["html"]
+    for value in ("123.5", "0.04213", "98.77", "0.03123", "150.2", "0.07123", "0.04568", "0.8765"):
+        assert f">{value}<" in page, value
+    # Data report counts (found / used / skipped).
+    assert f">{N_TEST + 1}<" in page
+
+
+def test_comparison_lists_both_runs(built):
+    section = built["html"].split('<section id="experiments">', 1)[1].split("</section>", 1)[0]
+    assert f"{built['run_id'][:8]} (this run)" in section
+    assert section.count("<tr>") == 3  # header + two runs
+    assert ">111<" in section and ">123.5<" in section
+    assert "lambda_identity" in section
+
+
+def test_sample_grid_rows(built):
+    """Rows of samples_A2B.png are x, G_A(x), G_B(G_A(x)), G_B(x), one column per test image."""
+    root = built["root"]
+    grid = np.asarray(Image.open(root / report.SAMPLE_PNG["A2B"]).convert("RGB"))
+    pad, tile = 2, SIZE + 2
+    assert grid.shape == (pad + 4 * tile, pad + N_SAMPLES * tile, 3)
+
+    from cyclegan.stages.translate import load_generator
+
+    G_A = load_generator(root / paths.MODELS / "G_A.pt", torch.device("cpu"))
+    G_B = load_generator(root / paths.MODELS / "G_B.pt", torch.device("cpu"))
+    with torch.no_grad():
+        x = to_tensor(built["sets"]["testA"][:N_SAMPLES])
+        fake = G_A(x)
+        expected = [x, fake, G_B(fake), G_B(x)]
+    for row, images in enumerate(expected):
+        for col, image in enumerate(to_uint8(images)):
+            y0, x0 = pad + row * tile, pad + col * tile
+            tile_pixels = grid[y0:y0 + SIZE, x0:x0 + SIZE].astype(int)
+            # make_grid's PIL conversion truncates where to_uint8 rounds: off by at most 1.
+            assert np.abs(tile_pixels - image).max() <= 1, (row, col)
+
+
+def test_pngs_written_and_logged(built):
+    root = built["root"]
+    for path in (report.LOSS_PNG, report.EPOCH_PNG, *report.SAMPLE_PNG.values()):
+        Image.open(root / path).verify()
+    names = {Path(a).name for a in built["artifacts"]}
+    assert names == {"index.html", "loss_curves.png", "fid_kid_per_epoch.png", "samples_A2B.png",
+                     "samples_B2A.png"}
+
+
+def test_optional_sections_are_skipped(tmp_path, monkeypatch):
+    """No preview, no per-epoch scores, a single run: the page still builds, without those parts."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = config_from_dict(PARAMS)
+    write_inputs(tmp_path, cfg, preview=False)
+    start_run(cfg, fid_history=False)
+    report.EPOCH_PNG.parent.mkdir(exist_ok=True)
+    report.EPOCH_PNG.write_bytes(b"left by an earlier report")
+    report.main(cfg)
+    page = (tmp_path / report.REPORT).read_text()
+    assert '<section id="per-epoch">' not in page and '<section id="experiments">' not in page
+    assert f"No {report.PREVIEW}" in page
+    assert ">123.5<" in page
+    assert not (tmp_path / report.EPOCH_PNG).exists()  # a stale figure does not outlive its section
+
+
+@pytest.mark.parametrize("missing,stage", [
+    (paths.EVAL_METRICS, "evaluate"),
+    (paths.MODELS / "G_B.pt", "train"),
+    (paths.TRAIN_LOSSES, "train"),
+    (paths.PREPARED / "toy_horse2zebra" / "testA.npy", "prepare"),
+])
+def test_missing_input_is_one_line(tmp_path, monkeypatch, capsys, missing, stage):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict(PARAMS)
+    write_inputs(tmp_path, cfg)
+    paths.MLFLOW_RUN.write_text(json.dumps({"run_id": "0" * 32}))
+    (tmp_path / missing).unlink()
+    with pytest.raises(UserError) as err:
+        report.build(cfg)
+    message = str(err.value)
+    assert "\n" not in message and str(missing) in message and f"dvc repro {stage}" in message
+
+    # The CLI prints it as one line and exits 2; nothing was written.
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    assert cli.main(["report"]) == 2
+    assert capsys.readouterr().err.strip() == f"cyclegan report: error: {message}"
+    assert not (tmp_path / report.REPORT).exists()
