@@ -26,7 +26,13 @@ _EXP_TMP = os.path.join(".dvc", "tmp", "exps")
 
 
 def project_root(cwd: str | Path | None = None) -> Path:
-    """The project root, also from inside a queued experiment's copy under .dvc/tmp/exps/."""
+    """The project root, also from inside a queued experiment's copy under .dvc/tmp/exps/.
+
+    DVC sets DVC_ROOT for stage commands (for queued experiments: the parent repo's root);
+    outside DVC the path itself tells.
+    """
+    if cwd is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
     cwd = Path(cwd or os.getcwd()).resolve()
     text = str(cwd)
     marker = os.sep + _EXP_TMP + os.sep
