@@ -1,0 +1,165 @@
+"""Speed and memory of one CycleGAN training step (G_A, G_B, D_A, D_B updates) at several sizes.
+
+    python benchmarks/train_step.py --threads 2 --netG resnet_9blocks --ngf 64 --sizes 64 128 256
+
+Each size runs in its own process, so the peak memory of one size is not the high-water mark
+of a previous one. CPU peak memory is the process's maximum resident set (it includes ~0.3 GB of
+interpreter and libraries, shown apart as "base"); CUDA peak memory is
+torch.cuda.max_memory_allocated. Inputs are random images; the step is the one `cyclegan train`
+runs (cyclegan.stages.train.CycleGAN.train_step), with the pools and optimizers it uses.
+
+Reference, the authors' code on a 2-core CPU (2 threads, resnet_9blocks, ngf 64, batch 1):
+0.96 s/iter at 64 px, 2.77 at 128, 10.09 at 256. On a shared machine absolute timings move with
+the load; --authors-baseline times the authors' way of running the same step (separate network
+calls, per-tensor Adam) in alternation with ours, so the ratio of the two is robust to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+OFFICIAL_CPU_S_PER_ITER = {64: 0.96, 128: 2.77, 256: 10.09}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    p.add_argument("--netG", default="resnet_9blocks")
+    p.add_argument("--netD", default="basic")
+    p.add_argument("--ngf", type=int, default=64)
+    p.add_argument("--ndf", type=int, default=64)
+    p.add_argument("--norm", default="instance")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--iters", type=int, default=5, help="timed steps per size")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, cuDNN, compile)")
+    p.add_argument("--separate-calls", action="store_true",
+                   help="no batching of independent calls of one network (6 G and 4 D calls, not 4 and 2)")
+    p.add_argument("--authors-baseline", action="store_true",
+                   help="also time the step as the authors' code runs it (separate network calls, "
+                        "per-tensor Adam), alternating step by step with ours so both see the same load")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one size, JSON out
+    return p.parse_args(argv)
+
+
+def max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_one(args: argparse.Namespace, size: int) -> dict:
+    import torch
+
+    from cyclegan.config import ConfigError, config_from_dict
+    from cyclegan.stages.train import CycleGAN
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_rss = max_rss_mib()
+    try:
+        cfg = config_from_dict({
+            "data": {"load_size": size, "crop_size": size},
+            "model": {"netG": args.netG, "netD": args.netD, "ngf": args.ngf, "ndf": args.ndf, "norm": args.norm},
+            "train": {"batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+                      "compile": args.compile, "channels_last": args.channels_last},
+        })
+    except ConfigError as e:
+        return {"size": size, "error": str(e)}
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = CycleGAN(cfg, device)
+    if args.separate_calls:
+        model.batch_generators = model.batch_discriminators = False
+    baseline = None
+    if args.authors_baseline:
+        baseline = CycleGAN(cfg, device)
+        baseline.batch_generators = baseline.batch_discriminators = False
+        for opt in (baseline.opt_G, baseline.opt_D):
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = False, False
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, 3, size, size)
+    real_A = (torch.rand(shape, generator=gen) * 2 - 1).to(device).contiguous(memory_format=model.memory_format)
+    real_B = (torch.rand(shape, generator=gen) * 2 - 1).to(device).contiguous(memory_format=model.memory_format)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(m: CycleGAN) -> float:
+        start = time.perf_counter()
+        m.train_step(real_A, real_B)
+        sync()
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        model.train_step(real_A, real_B)
+        if baseline:
+            baseline.train_step(real_A, real_B)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, baseline_times = [], []
+    for _ in range(args.iters):
+        times.append(timed(model))
+        if baseline:
+            baseline_times.append(timed(baseline))
+    times.sort()
+    median = times[len(times) // 2]
+    out = {
+        "size": size, "s_per_iter": median, "min_s": times[0], "max_s": times[-1],
+        "images_per_s": args.batch_size / median,
+        # With --authors-baseline the process holds two models: the peak covers both.
+        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else max_rss_mib(),
+        "base_mib": 0.0 if cuda else base_rss,
+        "threads": torch.get_num_threads(),
+    }
+    if baseline_times:
+        baseline_times.sort()
+        out["baseline_s_per_iter"] = baseline_times[len(baseline_times) // 2]
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child is not None:
+        print(json.dumps(run_one(args, args.child)))
+        return
+    load = os.getloadavg()
+    print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
+          f"threads {args.threads or 'default'}, amp {args.amp}, compile {args.compile}, "
+          f"channels_last {args.channels_last}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"on {os.cpu_count()} cores")
+    baseline = "  authors-style s/iter" if args.authors_baseline else ""
+    print(f"{'size':>5} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>7} {'peak MiB':>9} {'base MiB':>9}"
+          f"{baseline}  official CPU s/iter")
+    child_argv = [a for a in sys.argv[1:]]
+    for size in args.sizes:
+        out = subprocess.run([sys.executable, __file__, *child_argv, "--child", str(size)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{size:>5} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if "error" in r:
+            print(f"{size:>5} n/a: {r['error']}")
+            continue
+        ref = OFFICIAL_CPU_S_PER_ITER.get(size) if args.device == "cpu" else None
+        extra = (f"  {r['baseline_s_per_iter']:>8.3f} (x{r['baseline_s_per_iter'] / r['s_per_iter']:.2f})"
+                 if "baseline_s_per_iter" in r else "")
+        print(f"{size:>5} {r['s_per_iter']:>8.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} {r['images_per_s']:>7.2f} "
+              f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}{extra}  {ref if ref else '-'}")
+    load = os.getloadavg()
+    print(f"# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

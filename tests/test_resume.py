@@ -1,0 +1,180 @@
+"""Checkpoints and resumption: a killed run, resumed, ends exactly as an uninterrupted one.
+
+"Exactly" is bit for bit on CPU: the same per-step losses in metrics/train_losses.csv (timing
+columns aside) and torch.equal generator weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cyclegan import checkpoint, paths
+from test_train import (generator_weights, make_project, merge, mlflow_client, read_losses, run_id,
+                        run_train, set_params)
+
+# 2 epochs of 12 steps; checkpoints every 3 steps, the last 2 kept.
+PARAMS = {"train": {"checkpoint_every": 3}}
+
+
+def outputs(root: Path) -> tuple[list[dict[str, str]], dict[str, dict[str, torch.Tensor]]]:
+    return (read_losses(root / paths.TRAIN_LOSSES),
+            {g: generator_weights(root / paths.MODELS / f"{g}.pt") for g in ("G_A", "G_B")})
+
+
+def assert_same_run(got, expected) -> None:
+    (rows, weights), (rows_expected, weights_expected) = got, expected
+    assert len(rows) == 24
+    assert rows == rows_expected
+    for g in weights_expected:
+        assert weights[g].keys() == weights_expected[g].keys()
+        for k in weights_expected[g]:
+            assert torch.equal(weights[g][k], weights_expected[g][k]), f"{g}.{k}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: one run from start to end, in this process."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        make_project(root, **PARAMS)
+        run_train()
+    return outputs(root)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def newest_step(root: Path) -> int:
+    found = checkpoint.list_checkpoints(root / paths.CHECKPOINTS)
+    return int(checkpoint.PATTERN.search(found[-1].name).group(1)) if found else 0
+
+
+def run_id_in(root: Path) -> str:
+    return json.loads((root / paths.MLFLOW_RUN).read_text())["run_id"]
+
+
+def cyclegan_train(root: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    return subprocess.Popen([sys.executable, "-m", "cyclegan", "train", *args], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
+    make_project(tmp_path, **PARAMS)
+    proc = cyclegan_train(tmp_path)
+    deadline = time.monotonic() + 120
+    while newest_step(tmp_path) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the steps after the checkpoint, whose work the kill throws away
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    killed_at = newest_step(tmp_path)
+    assert 6 <= killed_at < 24
+    assert not (tmp_path / paths.MODELS / "G_A.pt").exists()
+    first_run = run_id_in(tmp_path)
+
+    proc = cyclegan_train(tmp_path)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert f"resuming from {paths.CHECKPOINTS / f'step_{killed_at:09d}.pt'}" in log
+    assert_same_run(outputs(tmp_path), uninterrupted)
+
+    assert run_id_in(tmp_path) == first_run  # the same MLflow run, reattached
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        client = mlflow_client()
+        assert client.get_run(first_run).info.status == "FINISHED"
+        steps = {m.step for m in client.get_metric_history(first_run, "loss_G_A")}
+        assert steps == set(range(1, 25))
+
+
+def test_stopped_run_continues_exactly_and_keeps_its_mlflow_run(project, uninterrupted):
+    # max_steps is not part of the fingerprint: raising it continues the run.
+    params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 10}}))
+    run_train()
+    first_run = run_id()
+    assert [r["step"] for r in read_losses()] == [str(s) for s in range(1, 11)]
+    set_params(project, merge(params, {"train": {"max_steps": 0}}))
+    run_train()
+    assert_same_run(outputs(project), uninterrupted)
+    assert run_id() == first_run
+
+
+def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):
+    make_project(project, **merge(PARAMS, {"train": {"max_steps": 10}}))
+    stale = project / paths.CHECKPOINTS / ".step_000000003.pt.x1y2.tmp"  # left by a killed write
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    run_train()
+    files = sorted(p.name for p in (project / paths.CHECKPOINTS).iterdir())
+    assert files == ["step_000000009.pt", "step_000000010.pt"]  # keep_checkpoints: 2, no temp files
+
+    state = torch.load(project / paths.CHECKPOINTS / "step_000000010.pt", weights_only=True)
+    assert state["step"] == 10 and state["epoch"] == 0 and state["position"] == 10 and state["world"] == 1
+    assert state["mlflow_run_id"] == run_id()
+    assert len(state["history"]) == 10 and state["config"]["train"]["max_steps"] == 10
+    model = state["model"]
+    assert set(model) == {"nets", "opt_G", "opt_D", "sched_G", "sched_D"}
+    assert set(model["nets"]) == {"G_A", "G_B", "D_A", "D_B"}
+    assert model["opt_G"]["state"] and model["sched_G"]["last_epoch"] == 0
+    rank = state["ranks"][0]
+    assert rank["pool_A"]["images"].shape == (10, 3, 28, 28) and rank["pool_B"]["rng"]
+    assert set(rank["rng"]) == {"python", "numpy", "torch", "cuda"}
+
+
+def test_checkpoints_of_other_params_are_not_resumed(project, capsys):
+    params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 4}}))
+    run_train()
+    first_run, first_losses = run_id(), read_losses()
+    set_params(project, merge(params, {"lambda_cycle": 5.0}))
+    capsys.readouterr()
+    run_train()
+    out = capsys.readouterr().out
+    assert "belong to other params or data; starting afresh" in out and "resuming" not in out
+    losses = read_losses()
+    assert [r["step"] for r in losses] == ["1", "2", "3", "4"]
+    assert losses[0]["loss_G_A"] == first_losses[0]["loss_G_A"]  # the same start ...
+    assert losses[0]["loss_cycle_A"] != first_losses[0]["loss_cycle_A"]  # ... with the new weight
+    assert run_id() != first_run
+    state = torch.load(project / paths.CHECKPOINTS / "step_000000004.pt", weights_only=True)
+    assert state["config"]["lambda_cycle"] == 5.0
+
+
+def test_unreadable_newest_checkpoint_is_skipped(project, capsys, uninterrupted):
+    params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 8}}))
+    run_train()
+    newest = project / paths.CHECKPOINTS / "step_000000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # as a full disk would leave it
+    set_params(project, merge(params, {"train": {"max_steps": 0}}))
+    capsys.readouterr()
+    run_train()
+    out = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in out
+    assert f"resuming from {paths.CHECKPOINTS / 'step_000000006.pt'}" in out
+    assert_same_run(outputs(project), uninterrupted)
+
+
+def test_fresh_ignores_checkpoints(project, capsys):
+    make_project(project, **merge(PARAMS, {"train": {"max_steps": 4}}))
+    run_train()
+    capsys.readouterr()
+    run_train(fresh=True)
+    assert "resuming" not in capsys.readouterr().out
+    assert [r["step"] for r in read_losses()] == ["1", "2", "3", "4"]
