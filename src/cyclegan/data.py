@@ -29,7 +29,8 @@ PREPARED_ROOT = Path("data/prepared")
 
 def dataset_name(dataset: str) -> str:
     """`horse2zebra` -> horse2zebra; `/path/to/my_folders/` -> my_folders."""
-    p = Path(dataset).resolve() if dataset in (".", "..") else Path(dataset)
+    # "." and ".." give no usable name; datasets.resolve refuses them before any stage runs.
+    p = Path(dataset)
     return p.name if len(p.parts) > 1 or dataset.startswith(".") else dataset
 
 
