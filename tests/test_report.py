@@ -89,7 +89,7 @@ def start_run(cfg, fid_history: bool) -> str:
     """A run as `train` and `evaluate` leave it (models/mlflow_run.json written by train's tracking)."""
     with tracking.start_training_run(cfg) as mlflow:
         if fid_history:  # as train logs them with train.eval_every: 1
-            for epoch, fid in ((1, 180.0), (2, 140.0)):
+            for epoch, fid in ((1, 180.0), (2, 140.0), (3, 150.0)):
                 mlflow.log_metrics({"train_fid_A2B": fid, "train_kid_A2B": fid / 1000, "train_fid_B2A": fid - 20,
                                     "train_kid_B2A": fid / 2000}, step=epoch)
         # as evaluate logs its scores
@@ -154,6 +154,13 @@ def test_page_shows_metric_values(built):
         assert f">{value}<" in page, value
     # Data report counts (found / used / skipped).
     assert f">{N_TEST + 1}<" in page
+
+
+def test_best_and_final_training_scores_are_labelled(built):
+    page = (built["root"] / report.REPORT).read_text()
+    row = page[page.index("<td>train_fid_A2B</td>"):].split("</tr>")[0]
+    assert "140 (epoch 2)" in row and "150 (epoch 3)" in row
+    assert "best (lowest) during training" in page and "final (last evaluation)" in page
 
 
 def test_comparison_lists_both_runs(built):

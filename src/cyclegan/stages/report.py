@@ -312,9 +312,19 @@ def _losses_section(loss_png: bytes) -> str:
     return _section("losses", "Training losses", body)
 
 
-def _epoch_section(epoch_png: bytes) -> str:
+def _epoch_section(epoch_png: bytes, history: dict[str, list[tuple[int, float]]]) -> str:
+    # Best and final differ by several FID points on small test sets; papers mix them up,
+    # so both are shown and labelled.
+    rows = []
+    for key, points in sorted(history.items()):
+        if points:
+            best_epoch, best = min(points, key=lambda p: p[1])
+            final_epoch, final = points[-1]
+            rows.append([key, f"{_fmt(best)} (epoch {best_epoch})", f"{_fmt(final)} (epoch {final_epoch})"])
     body = (_img(epoch_png, "FID and KID per epoch")
-            + '<p class="muted">Logged to the MLflow run during training (train.eval_every).</p>')
+            + _table(rows, ["metric", "best (lowest) during training", "final (last evaluation)"])
+            + '<p class="muted">Logged to the MLflow run during training (train.eval_every); '
+              'metrics/eval.json below holds the final models\' scores.</p>')
     return _section("per-epoch", "FID/KID per epoch", body)
 
 
@@ -381,7 +391,7 @@ def render(inputs: Inputs, figures: dict[str, bytes | None]) -> str:
         _losses_section(figures["losses"]),
     ]
     if figures.get("per_epoch"):
-        sections.append(_epoch_section(figures["per_epoch"]))
+        sections.append(_epoch_section(figures["per_epoch"], inputs.epoch_history))
     sections += [_samples_section(inputs), _metrics_section(inputs)]
     if inputs.comparison is not None:
         sections.append(_comparison_section(inputs.comparison, inputs.run_id))
