@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 
 from .. import inception, paths, tracking
 from ..config import Config
+from ..device import resolve_device
 from ..data import PreparedDataset, dataset_name
 from ..errors import UserError
 from ..fileio import write_json
@@ -72,11 +73,7 @@ class ImageArrayDataset(Dataset):
 
 
 def select_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("eval.device is 'cuda' but no CUDA device is visible; set eval.device: auto or cpu")
-    return name
+    return resolve_device(name, "eval.device").type
 
 
 def kid_subset_size(n1: int, n2: int) -> int:

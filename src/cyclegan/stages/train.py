@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from .. import checkpoint, paths, tracking
 from ..config import Config
+from ..device import resolve_device
 from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, dataset_name, to_tensor
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
@@ -67,11 +68,7 @@ def add_arguments(parser) -> None:
 # --- setup -----------------------------------------------------------------------------------
 
 def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is visible; set train.device: auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return resolve_device(name, "train.device")
 
 
 @dataclass(frozen=True)

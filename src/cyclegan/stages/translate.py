@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .. import paths
 from ..config import Config, ModelConfig
+from ..device import resolve_device
 from ..data import PreparedDataset, dataset_name, to_tensor, to_uint8
 from ..errors import UserError
 from ..fileio import atomic_dir
@@ -32,11 +33,7 @@ def add_arguments(parser) -> None:
 
 
 def select_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("eval.device is 'cuda' but no CUDA device is visible; set eval.device: auto or cpu")
-    return torch.device(name)
+    return resolve_device(name, "eval.device")
 
 
 def load_generator(path: Path, device: torch.device) -> torch.nn.Module:
