@@ -69,13 +69,18 @@ def test_a_users_folder_with_a_chosen_generator(tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (50, 40), (200, 100, 0)).save(photos / "a.jpg")
-    Image.new("L", (32, 32), 90).save(photos / "b.png")
+    Image.new("LA", (32, 32), (90, 0)).save(photos / "b.png")  # fully transparent grey
     (photos / "notes.txt").write_text("not an image")
     args = Namespace(input=photos, generator=paths.MODELS / "G_B.pt", output=tmp_path / "out")
     translate.main(cfg, args)
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out == ["a.png", "b.png"]
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)  # resized to crop_size
+    # Transparent pixels are composited over data.alpha_background, as `prepare` does for training.
+    net = translate.load_generator(paths.MODELS / "G_B.pt", torch.device("cpu"))
+    white = np.full((1, 32, 32, 3), 255, np.uint8)
+    expected = translate.translate_array(net, white, 1, torch.device("cpu"))[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "b.png")), expected)
 
 
 def test_bad_inputs_give_one_line(tmp_path, monkeypatch, capsys):

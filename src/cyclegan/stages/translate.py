@@ -11,19 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
-from .. import paths
+from .. import images, paths
 from ..config import Config, ModelConfig
 from ..device import resolve_device
 from ..data import PreparedDataset, dataset_name, to_tensor, to_uint8
 from ..errors import UserError
 from ..fileio import atomic_dir
 from ..models import build_generator
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
-
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", type=Path, help="a folder of images to translate (instead of the test sets)")
@@ -57,12 +54,12 @@ def translate_array(net: torch.nn.Module, images: np.ndarray, batch_size: int, d
     return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def _open_rgb(path: Path, background: tuple[int, int, int]) -> Image.Image:
+    # The same decoding as `prepare` (EXIF, modes, alpha), so inputs look like the training data.
     try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); remove or replace it") from None
+        return images.open_rgb(path, background=background)
+    except images.BadImage as e:
+        raise UserError(f"{path}: {e}; remove or replace it") from None
 
 
 def _multiple_of_4(image: Image.Image) -> Image.Image:
@@ -72,10 +69,10 @@ def _multiple_of_4(image: Image.Image) -> Image.Image:
 
 @torch.no_grad()
 def translate_files(net: torch.nn.Module, files: list[Path], out_dir: Path, size: int | None,
-                    device: torch.device, desc: str) -> None:
+                    device: torch.device, desc: str, background: tuple[int, int, int]) -> None:
     """One image at a time, so images of different sizes can pass at full resolution."""
     for f in tqdm(files, desc=desc, unit="img", disable=None):
-        image = _open_rgb(f)
+        image = _open_rgb(f, background)
         image = image.resize((size, size), Image.BICUBIC) if size else _multiple_of_4(image)
         fake = translate_array(net, np.asarray(image)[None], 1, device)[0]
         Image.fromarray(fake).save(out_dir / f"{f.stem}.png")
@@ -90,7 +87,8 @@ def translate_test_sets(cfg: Config, device: torch.device) -> None:
             (out / direction).mkdir()
             if cfg.eval.full_resolution:
                 raw = paths.RAW / name / split
-                translate_files(net, [raw / f for f in data.names(split)], out / direction, None, device, direction)
+                translate_files(net, [raw / f for f in data.names(split)], out / direction, None, device, direction,
+                                cfg.data.alpha_background)
                 continue
             fakes = translate_array(net, np.asarray(data.array(split)), cfg.eval.batch_size, device)
             for fname, fake in zip(tqdm(data.names(split), desc=direction, unit="img", disable=None), fakes):
@@ -104,12 +102,12 @@ def main(cfg: Config, args=None) -> None:
         return
     if not args.input.is_dir():
         raise UserError(f"--input {args.input}: not a folder")
-    files = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in args.input.iterdir() if p.is_file() and images.is_image_name(p.name))
     if not files:
-        raise UserError(f"--input {args.input}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(f"--input {args.input}: no images ({', '.join(images.IMG_EXTENSIONS)})")
     output = args.output or args.input.with_name(f"{args.input.name}_translated")
     net = load_generator(args.generator, device)
     size = None if cfg.eval.full_resolution else cfg.data.crop_size
     with atomic_dir(output) as out:
-        translate_files(net, files, out, size, device, "translate")
+        translate_files(net, files, out, size, device, "translate", cfg.data.alpha_background)
     print(f"cyclegan translate: {len(files)} images -> {output}")
