@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     p.add_argument("--netG", default="resnet_9blocks")
@@ -58,7 +59,8 @@ def max_rss_mib() -> float:
 def run_one(args: argparse.Namespace, size: int) -> dict:
     import torch
 
-    from cyclegan.config import ConfigError, config_from_dict
+    from cyclegan.config import config_from_dict
+    from cyclegan.errors import UserError
     from cyclegan.stages.train import CycleGAN
 
     if args.threads:
@@ -68,19 +70,20 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
         cfg = config_from_dict({
             "data": {"load_size": size, "crop_size": size},
             "model": {"netG": args.netG, "netD": args.netD, "ngf": args.ngf, "ndf": args.ndf, "norm": args.norm},
-            "train": {"batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+            "train": {"batch_size": args.batch_size, "device": args.device, "precision": args.precision,
                       "compile": args.compile, "channels_last": args.channels_last},
         })
-    except ConfigError as e:
+        device = torch.device(args.device)
+        model = CycleGAN(cfg, device)
+    except UserError as e:
         return {"size": size, "error": str(e)}
-    device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model = CycleGAN(cfg, device)
     if args.separate_calls:
         model.batch_generators = model.batch_discriminators = False
     baseline = None
     if args.authors_baseline:
         baseline = CycleGAN(cfg, device)
+        baseline.bf16 = False  # the authors' code has no mixed precision
         baseline.batch_generators = baseline.batch_discriminators = False
         for opt in (baseline.opt_G, baseline.opt_D):
             for group in opt.param_groups:
@@ -135,7 +138,7 @@ def main() -> None:
         return
     load = os.getloadavg()
     print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
-          f"threads {args.threads or 'default'}, amp {args.amp}, compile {args.compile}, "
+          f"threads {args.threads or 'default'}, precision {args.precision}, compile {args.compile}, "
           f"channels_last {args.channels_last}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {os.cpu_count()} cores")
     baseline = "  authors-style s/iter" if args.authors_baseline else ""

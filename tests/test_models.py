@@ -201,6 +201,8 @@ def test_schedulers_step_per_epoch():
     ({"data": {"load_size": 64, "crop_size": 64}, "model": {"netG": "unet_128"}}, "data.crop_size"),
     ({"data": {"load_size": 8, "crop_size": 8}}, "data.crop_size"),
     ({"model": {"n_layers_D": 4}}, "model.n_layers_D"),
+    ({"train": {"precision": "fp16"}}, "train.precision"),
+    ({"train": {"amp": True}}, "train.amp"),  # renamed: the message names its successor
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(raw, key):
     with pytest.raises(ConfigError) as e:
@@ -208,6 +210,8 @@ def test_bad_params_fail_with_one_line_naming_the_key(raw, key):
     message = str(e.value)
     assert f"'{key}'" in message
     assert "\n" not in message
+    if key == "train.amp":
+        assert "'train.precision'" in message
 
 
 @pytest.mark.parametrize("raw", [

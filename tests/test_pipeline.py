@@ -5,8 +5,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ VENV_BIN = Path(sys.executable).parent
 
 # The smallest params that still run every stage for real.
 TINY = {
-    "data": {"toy": {"image_size": 32, "n_train_a": 12, "n_train_b": 12, "n_test": 6}},
+    "data": {"toy": {"image_size": 32, "n_train_a": 24, "n_train_b": 24, "n_test": 6}},
     "model": {"ngf": 8, "ndf": 8},
     "train": {"n_epochs": 1, "n_epochs_decay": 1, "log_every": 4, "checkpoint_every": 8, "threads": 1},
     "eval": {"batch_size": 6, "n_samples": 2},
@@ -59,10 +61,30 @@ def find_params(exp: dict) -> dict:
     return exp["data"]["params"]["params.yaml"]["data"]
 
 
-@pytest.mark.slow
-def test_repro_then_experiment(tmp_path):
-    project, env = make_project(tmp_path / "project", TINY)
+LOSS_COLUMNS = ("step", "epoch", "lr", "loss_G_A", "loss_G_B", "loss_cycle_A", "loss_cycle_B",
+                "loss_idt_A", "loss_idt_B", "loss_D_A", "loss_D_B")
+
+
+def results(project: Path) -> tuple[dict, list[dict]]:
+    """metrics/eval.json and the per-step losses, without the wall-clock columns."""
+    import csv
+
+    with open(project / "metrics/train_losses.csv", newline="") as f:
+        losses = [{k: row[k] for k in LOSS_COLUMNS} for row in csv.DictReader(f)]
+    return json.loads((project / "metrics/eval.json").read_text()), losses
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """One uninterrupted `dvc repro` of TINY: the project, its env, and its results."""
+    project, env = make_project(tmp_path_factory.mktemp("repro") / "project", TINY)
     run([str(VENV_BIN / "dvc"), "repro"], project, env)
+    return project, env, results(project)
+
+
+@pytest.mark.slow
+def test_repro_then_experiment(reproduced):
+    project, env, _ = reproduced
 
     for out in ("data/raw/toy_horse2zebra", "data/prepared/toy_horse2zebra/manifest.json",
                 "models/G_A.pt", "models/G_B.pt", "models/mlflow_run.json", "metrics/train.json",
@@ -75,7 +97,7 @@ def test_repro_then_experiment(tmp_path):
                 "gt_l1_A2B", "gt_l1_identity"):
         assert math.isfinite(metrics[key]), key
     train = json.loads((project / "metrics/train.json").read_text())
-    assert train["steps"] == 24 and all(math.isfinite(v) for v in train.values() if isinstance(v, float))
+    assert train["steps"] == 48 and all(math.isfinite(v) for v in train.values() if isinstance(v, float))
 
     # Nothing changed: a second repro runs no stage.
     again = run([str(VENV_BIN / "dvc"), "repro"], project, env)
@@ -99,3 +121,24 @@ def test_repro_then_experiment(tmp_path):
     assert {"fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A"} <= set(ablation[0].data.metrics)
     assert ablation[0].data.params["identity_weight_effective"] == "2.5"
     assert ablation[0].data.tags.get("dvc_exp_name")
+
+
+@pytest.mark.slow
+def test_repro_killed_mid_training_then_rerun_ends_with_the_same_metrics(tmp_path, reproduced):
+    project, env = make_project(tmp_path / "project", TINY)
+    checkpoints = project / "models/checkpoints"
+    dvc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=project, env=env, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob("step_*.pt")) and dvc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dvc.poll() is None, "dvc repro ended before it could be killed:\n" + dvc.stdout.read()
+    os.killpg(dvc.pid, signal.SIGKILL)  # dvc and the train stage it runs
+    dvc.wait(timeout=30)
+    dvc.stdout.close()
+    assert not (project / "models/G_A.pt").exists()  # killed inside train, before its end
+    assert not (project / "metrics/eval.json").exists()
+
+    again = run([str(VENV_BIN / "dvc"), "repro"], project, env)
+    assert "cyclegan train: resuming from models/checkpoints/step_" in again.stdout
+    assert results(project) == reproduced[2]

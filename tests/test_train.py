@@ -23,9 +23,11 @@ from PIL import Image
 from torch import nn
 
 from cyclegan import checkpoint, paths, toy_dataset
+from cyclegan import device as device_module
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
 from cyclegan.data import MANIFEST
+from cyclegan.device import cpu_has_native_bf16
 from cyclegan.errors import UserError
 from cyclegan.stages import train
 from cyclegan.stages.train import LOSS_TERMS, TIMING_COLUMNS, CycleGAN
@@ -242,6 +244,61 @@ def test_generator_loss_leaves_no_gradient_in_the_discriminators():
     model.train_step(images(1), images(1, seed=1))
     assert all(g is None for g in seen["D"])
     assert all(p.requires_grad for p in model.nets["D_A"].parameters())
+
+
+def sum_of(losses: dict[str, torch.Tensor], terms: tuple[str, ...]) -> float:
+    return float(sum(losses[k] for k in terms))
+
+
+CYCLE_TERMS = ("cycle_A", "cycle_B", "idt_A", "idt_B")
+
+
+@pytest.mark.parametrize("overrides, size", [
+    ({}, 28),
+    ({"model": {"netG": "resnet_9blocks"}}, 28),
+    ({"model": {"netG": "unet_128"}}, 128),
+    ({"model": {"netG": "unet_256", "use_dropout": True}}, 256),
+    ({"model": {"netD": "n_layers", "n_layers_D": 2}}, 28),
+    ({"model": {"netD": "pixel", "norm": "batch"}}, 28),
+    ({"model": {"norm": "none", "init_type": "kaiming"}}, 28),
+    ({"train": {"gan_mode": "vanilla"}, "model": {"init_type": "xavier"}}, 28),
+    ({"train": {"gan_mode": "wgangp"}, "model": {"init_type": "orthogonal"}}, 28),
+])
+def test_each_network_and_gan_mode_trains_and_one_step_lowers_the_losses(overrides, size):
+    """The losses a step returns are those before its updates, so the second step on the same
+    batch reports the first step's effect: the cycle and identity terms (G's own objective
+    besides the adversarial one, which D moves too) and D's loss must both have gone down."""
+    model = tiny_model(**merge({"data": {"load_size": size, "crop_size": size}, "train": {"lr": 0.0002, "pool_size": 0}},
+                               overrides))
+    real_A, real_B = images(2, size=size), images(2, size=size, seed=1)
+    before = model.train_step(real_A, real_B)
+    after = model.train_step(real_A, real_B)
+    assert all(torch.isfinite(v) for v in [*before.values(), *after.values()])
+    assert sum_of(after, CYCLE_TERMS) < sum_of(before, CYCLE_TERMS)
+    assert sum_of(after, ("D_A", "D_B")) < sum_of(before, ("D_A", "D_B"))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no AVX512-BF16 or AMX")
+def test_bf16_on_cpu_runs_under_autocast_close_to_fp32():
+    fp32, bf16 = tiny_model(train={"precision": "fp32"}), tiny_model(train={"precision": "bf16"})
+    assert bf16.bf16 and not fp32.bf16 and not tiny_model().bf16  # auto is fp32 on CPU
+    real_A, real_B = images(2), images(2, seed=1)
+    exact, mixed = fp32.train_step(real_A, real_B), bf16.train_step(real_A, real_B)
+    for k in LOSS_TERMS:
+        assert mixed[k].dtype == torch.float32
+        assert float(mixed[k]) == pytest.approx(float(exact[k]), rel=0.05, abs=1e-3), k
+    assert any(not torch.equal(mixed[k], exact[k]) for k in LOSS_TERMS)  # bf16 really ran
+    again = bf16.train_step(real_A, real_B)
+    assert sum_of(again, CYCLE_TERMS) < sum_of(mixed, CYCLE_TERMS)
+
+
+def test_bf16_where_the_cpu_would_only_emulate_it_is_a_one_line_error(monkeypatch):
+    # A CPU without AVX512-BF16 or AMX cannot be had here; the probe is what stands in for one.
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(UserError) as e:
+        tiny_model(train={"precision": "bf16"})
+    assert "'train.precision'" in str(e.value) and "\n" not in str(e.value)
+    assert not tiny_model(train={"precision": "auto"}).bf16
 
 
 # --- the stage --------------------------------------------------------------------------------------

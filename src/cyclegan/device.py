@@ -1,4 +1,4 @@
-"""Turn a device setting (auto, cpu, cuda) into a torch.device, shared by every stage."""
+"""Turn device settings into torch terms, shared by every stage: which device, which precision."""
 from __future__ import annotations
 
 import torch
@@ -13,3 +13,42 @@ def resolve_device(setting: str, key: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key} is 'cuda' but no CUDA device is visible; set {key}: auto or cpu")
     return torch.device(setting)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: oneDNN's bf16 convolutions then run at about twice the fp32 rate.
+
+    Without them torch still runs bf16 on the CPU, by conversion, slower than fp32.
+    """
+    cpu = torch.backends.cpu
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    found = [bool(probe()) for probe in probes if probe is not None]
+    if found:
+        return any(found)
+    return cpu.get_cpu_capability() == "AMX"  # older torch: no probes, only the dispatch level
+
+
+def use_bf16(setting: str, device: torch.device, key: str) -> bool:
+    """Whether to run under bf16 autocast for a precision setting (auto, bf16, fp32) on `device`.
+
+    `auto` means bf16 wherever the hardware computes it natively except on CPU, whose fp32
+    results stay comparable across machines; `bf16` insists, and is a one-line error naming
+    `key` on hardware that would only emulate it (slower than fp32, so never what was meant).
+    """
+    if setting == "fp32":
+        return False
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        where = f"GPU {torch.cuda.get_device_name(device)} has no native bf16 (Ampere or later has)"
+    elif device.type == "cpu":
+        if setting == "auto":
+            return False
+        native, where = cpu_has_native_bf16(), "this CPU has neither AVX512-BF16 nor AMX"
+    else:
+        native, where = False, f"{device.type} has no bf16 autocast here"
+    if native:
+        return True
+    if setting == "bf16":
+        raise UserError(f"'{key}' is 'bf16' but {where}, so bf16 would run slower than fp32; "
+                        f"set {key}: auto or fp32")
+    return False

@@ -124,6 +124,16 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
         yield mlflow
 
 
+def last_logged_step(mlflow, key: str) -> int:
+    """The highest step of metric `key` in the active run, 0 if none.
+
+    A resumed run repeats the steps between its checkpoint and the interruption; those already
+    in MLflow are not logged twice (metric history is append-only).
+    """
+    history = mlflow.MlflowClient().get_metric_history(mlflow.active_run().info.run_id, key)
+    return max((m.step for m in history), default=0)
+
+
 @contextmanager
 def reattach(cfg: Config) -> Iterator[Any]:
     """Reopen the run that `train` created; a fresh run if the id is missing or the store is gone."""

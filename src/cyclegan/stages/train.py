@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .. import checkpoint, paths, tracking
 from ..config import Config
-from ..device import resolve_device
+from ..device import resolve_device, use_bf16
 from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, dataset_name, to_tensor
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
@@ -58,7 +58,7 @@ TIMING_COLUMNS = ("images_per_s",)
 # Params that change what is computed are in the fingerprint; these (logging, checkpoint cadence,
 # where and how fast it runs) may change between a run and its resumption.
 _NON_SEMANTIC = ("device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "eval_every", "max_steps", "compile")
+                 "eval_every", "max_steps", "compile", "precision")
 
 
 def add_arguments(parser) -> None:
@@ -140,16 +140,17 @@ def lr_factor(epoch: int, n_epochs: int, n_epochs_decay: int) -> float:
     return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_epochs_decay + 1)
 
 
-def fingerprint(cfg: Config, data_hash: str, world: int = 1) -> str:
+def fingerprint(cfg: Config, data_hash: str, world: int = 1, bf16: bool = False) -> str:
     """What a checkpoint must match to be resumed: every param that changes the computation.
 
     The number of processes is part of it: it sets the global batch and which rank draws which
-    sample.
+    sample. So is the precision actually used, not its setting: `auto` and `fp32` compute the
+    same on CPU.
     """
     train = {k: v for k, v in asdict(cfg.train).items() if k not in _NON_SEMANTIC}
     key = {"lambda_cycle": cfg.lambda_cycle, "lambda_identity": cfg.lambda_identity, "seed": cfg.seed,
            "model": asdict(cfg.model), "train": train, "crop": cfg.data.crop_size,
-           "no_flip": cfg.data.no_flip, "data": data_hash, "world": world}
+           "no_flip": cfg.data.no_flip, "data": data_hash, "world": world, "bf16": bf16}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -211,7 +212,7 @@ class CycleGAN:
         self.cfg, self.device = cfg, device
         t, m = cfg.train, cfg.model
         cuda = device.type == "cuda"
-        self.amp = cuda and t.amp
+        self.bf16 = use_bf16(t.precision, device, "train.precision")
         self.memory_format = torch.channels_last if cuda and t.channels_last else torch.contiguous_format
         nets = build_networks(m, cfg.seed)
         if cuda and t.deterministic:
@@ -260,7 +261,7 @@ class CycleGAN:
         self.batch_discriminators = m.norm != "batch"
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def _set_requires_grad(self, names: tuple[str, ...], flag: bool) -> None:
         for k in names:
@@ -570,7 +571,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         total_steps = min(total_steps, t.max_steps)
 
     model = CycleGAN(cfg, device, ddp.rank, ddp.world)
-    fp = fingerprint(cfg, data.manifest.get("content_sha256", ""), ddp.world)
+    fp = fingerprint(cfg, data.manifest.get("content_sha256", ""), ddp.world, model.bf16)
     state = _broadcast(_load_checkpoint(fp, fresh) if ddp.main else None, ddp)
     progress, history, run_id = Progress(), [], None
     if state is not None:
@@ -581,7 +582,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         del state  # the loaded copy of every tensor is no longer needed
     if ddp.main:
         print(f"cyclegan train: {total_steps} steps ({n_epochs_total} epochs of {steps_per_epoch} steps, "
-              f"global batch {global_batch}) on {ddp.world} x {device.type}")
+              f"global batch {global_batch}) on {ddp.world} x {device.type}, "
+              f"{'bf16 autocast' if model.bf16 else 'fp32'}")
 
     n_samples = cfg.eval.n_samples or 4
     sample_A, sample_B = np.array(data.array("testA")[:n_samples]), np.array(data.array("testB")[:n_samples])
@@ -610,8 +612,12 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
     run = tracking.start_training_run(cfg, run_id) if ddp.main else contextlib.nullcontext()
     t_start, images_seen = time.perf_counter(), 0
     with run as mlflow:
+        logged_step = logged_epoch = 0
         if ddp.main:
             run_id = mlflow.active_run().info.run_id
+            # On CPU the repeated steps compute the same values; on GPU nearly the same.
+            logged_step = tracking.last_logged_step(mlflow, "loss_G_A")
+            logged_epoch = tracking.last_logged_step(mlflow, "train_fid_A2B")
         bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None if ddp.main else True)
         while progress.epoch < n_epochs_total and progress.step < total_steps:
@@ -647,7 +653,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                            "images_per_s": window_images / max(now - window_start, 1e-9)}
                     window_start, window_images = now, 0
                     history.append(row)
-                    if ddp.main:
+                    if ddp.main and progress.step > logged_step:
                         mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=progress.step)
                         bar.set_postfix(G_A=f"{values['G_A']:.3f}", cyc=f"{values['cycle_A']:.3f}")
                 if progress.step % t.checkpoint_every == 0:
@@ -660,7 +666,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                 if ddp.main:
                     mlflow.log_image(_sample_grid(model, sample_A, sample_B),
                                      f"samples/epoch_{progress.epoch:04d}.png")
-                    if t.eval_every and progress.epoch % t.eval_every == 0:
+                    if t.eval_every and progress.epoch % t.eval_every == 0 and progress.epoch > logged_epoch:
                         test_A, test_B = np.array(data.array("testA")), np.array(data.array("testB"))
                         mlflow.log_metrics(_fid_kid(model, cfg, test_A, test_B), step=progress.epoch)
                 ddp.barrier()  # the other ranks wait while rank 0 evaluates
