@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU")
+    p.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.winograd: CPU fp32 ResNet-block convolutions as Winograd F(4x4, 3x3)")
+    p.add_argument("--no-tuned-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds at their defaults (cyclegan train raises them on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     p.add_argument("--netG", default="resnet_9blocks")
@@ -44,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5, help="timed steps per size")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, cuDNN, compile)")
     p.add_argument("--separate-calls", action="store_true",
-                   help="no batching of independent calls of one network (6 G and 4 D calls, not 4 and 2)")
+                   help="no batching of calls of one network (6 G and 4 D calls, not 3 and 2)")
     p.add_argument("--authors-baseline", action="store_true",
                    help="also time the step as the authors' code runs it (separate network calls, "
                         "per-tensor Adam), alternating step by step with ours so both see the same load")
@@ -60,18 +64,23 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
     import torch
 
     from cyclegan.config import config_from_dict
+    from cyclegan.device import keep_freed_memory
     from cyclegan.errors import UserError
+    from cyclegan.models import use_winograd
     from cyclegan.stages.train import CycleGAN
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.no_tuned_malloc:
+        keep_freed_memory()  # as `cyclegan train` does on CPU
     base_rss = max_rss_mib()
     try:
         cfg = config_from_dict({
             "data": {"load_size": size, "crop_size": size},
             "model": {"netG": args.netG, "netD": args.netD, "ngf": args.ngf, "ndf": args.ndf, "norm": args.norm},
             "train": {"batch_size": args.batch_size, "device": args.device, "precision": args.precision,
-                      "compile": args.compile, "channels_last": args.channels_last},
+                      "compile": args.compile, "channels_last": args.channels_last,
+                      "winograd": args.winograd},
         })
         device = torch.device(args.device)
         model = CycleGAN(cfg, device)
@@ -83,7 +92,9 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
     baseline = None
     if args.authors_baseline:
         baseline = CycleGAN(cfg, device)
-        baseline.bf16 = False  # the authors' code has no mixed precision
+        baseline.bf16 = False  # the authors' code has no mixed precision, nor Winograd
+        use_winograd(baseline.nets["G_A"], False)
+        use_winograd(baseline.nets["G_B"], False)
         baseline.batch_generators = baseline.batch_discriminators = False
         for opt in (baseline.opt_G, baseline.opt_D):
             for group in opt.param_groups:
@@ -124,6 +135,7 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else max_rss_mib(),
         "base_mib": 0.0 if cuda else base_rss,
         "threads": torch.get_num_threads(),
+        "winograd": bool(model.winograd),
     }
     if baseline_times:
         baseline_times.sort()
@@ -138,7 +150,7 @@ def main() -> None:
         return
     load = os.getloadavg()
     print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
-          f"threads {args.threads or 'default'}, precision {args.precision}, compile {args.compile}, "
+          f"threads {args.threads or 'default'}, precision {args.precision}, winograd {args.winograd}, compile {args.compile}, "
           f"channels_last {args.channels_last}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {os.cpu_count()} cores")
     baseline = "  authors-style s/iter" if args.authors_baseline else ""
@@ -159,7 +171,8 @@ def main() -> None:
         extra = (f"  {r['baseline_s_per_iter']:>8.3f} (x{r['baseline_s_per_iter'] / r['s_per_iter']:.2f})"
                  if "baseline_s_per_iter" in r else "")
         print(f"{size:>5} {r['s_per_iter']:>8.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} {r['images_per_s']:>7.2f} "
-              f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}{extra}  {ref if ref else '-'}")
+              f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}{extra}  {ref if ref else '-'}"
+              f"{'  (Winograd)' if r.get('winograd') else ''}")
     load = os.getloadavg()
     print(f"# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

@@ -43,14 +43,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import checkpoint, paths, tracking
+from .. import checkpoint, paths, tracking, winograd
 from ..config import Config
-from ..device import resolve_device, use_bf16
+from ..device import keep_freed_memory, resolve_device, use_bf16
 from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, dataset_name, to_tensor
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from ..losses import GANLoss, ImagePool, gradient_penalty
-from ..models import build_networks
+from ..models import build_networks, use_winograd
 
 LOSS_TERMS = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
 # Columns of metrics/train_losses.csv that depend on the machine rather than on the training.
@@ -58,7 +58,7 @@ TIMING_COLUMNS = ("images_per_s",)
 # Params that change what is computed are in the fingerprint; these (logging, checkpoint cadence,
 # where and how fast it runs) may change between a run and its resumption.
 _NON_SEMANTIC = ("device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "eval_every", "max_steps", "compile", "precision")
+                 "eval_every", "max_steps", "compile", "precision", "winograd")
 
 
 def add_arguments(parser) -> None:
@@ -125,6 +125,8 @@ def configure_torch(cfg: Config, device: torch.device, rank: int) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
+        keep_freed_memory()
     # Each rank its own stream (dropout, WGAN-GP interpolation); rank 0's equals a single process's.
     torch.manual_seed(cfg.seed + rank)
 
@@ -220,6 +222,11 @@ class CycleGAN:
                 _replace_reflection_pads(net)
         self.nets: dict[str, nn.Module] = {
             k: v.to(device=device, memory_format=self.memory_format) for k, v in nets.items()}
+        self.winograd = (device.type == "cpu" and t.winograd and not self.bf16 and m.netG.startswith("resnet")
+                         and winograd.worth_it(4 * m.ngf, cfg.data.crop_size // 4) and winograd.available())
+        if self.winograd:
+            for k in ("G_A", "G_B"):
+                use_winograd(self.nets[k])
 
         def wrap(net: nn.Module, distributed: bool) -> nn.Module:
             if distributed:
@@ -250,10 +257,11 @@ class CycleGAN:
         self.pool_B = ImagePool(t.pool_size, seed=int(pool_seeds[1]))
         self.gan_loss = GANLoss(t.gan_mode)
         # With per-sample normalisation (instance norm, or none) a network's output for one image
-        # does not depend on the others in its batch, so two independent calls of one network can
-        # run as one batch: the translation G_A(real_A) with the identity G_A(real_B) (same for
-        # G_B), and D(real) with D(fake) in the D phase: 4 generator and 2 discriminator calls per
-        # step instead of 6 and 4, a step ~15% faster on CPU (benchmarks/train_step.py). Not with
+        # does not depend on the others in its batch, so calls of one network can run as one
+        # batch: the translation G_A(real_A) with the identity G_A(real_B), G_B(real_B) with
+        # G_B(real_A) and the reconstruction G_B(fake_B), and D(real) with D(fake) in the D phase:
+        # 3 generator and 2 discriminator calls per step instead of 6 and 4, a step ~15% faster
+        # on CPU (benchmarks/train_step.py --separate-calls). Not with
         # BatchNorm, whose statistics would mix the inputs, nor (for G) with dropout, whose masks
         # would be drawn in another order. The result equals separate calls up to float rounding
         # (tests/test_train.py).
@@ -277,10 +285,11 @@ class CycleGAN:
         identity = cfg.identity_weight > 0
         with self._autocast():
             if self.batch_generators:
+                # G_B's call takes G_A's fake too: 3 generator calls, not 4.
                 n = real_A.shape[0]
                 fake_B, idt_A = G_A(torch.cat([real_A, real_B])).split(n)
-                fake_A, idt_B = G_B(torch.cat([real_B, real_A])).split(n)
-                rec_A, rec_B = G_B(fake_B), G_A(fake_A)
+                fake_A, idt_B, rec_A = G_B(torch.cat([real_B, real_A, fake_B])).split(n)
+                rec_B = G_A(fake_A)
             else:
                 # The authors' order, which fixes the order of dropout draws.
                 fake_B = G_A(real_A)
@@ -583,7 +592,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
     if ddp.main:
         print(f"cyclegan train: {total_steps} steps ({n_epochs_total} epochs of {steps_per_epoch} steps, "
               f"global batch {global_batch}) on {ddp.world} x {device.type}, "
-              f"{'bf16 autocast' if model.bf16 else 'fp32'}")
+              f"{'bf16 autocast' if model.bf16 else 'fp32'}{', Winograd 3x3 convolutions' if model.winograd else ''}")
 
     n_samples = cfg.eval.n_samples or 4
     sample_A, sample_B = np.array(data.array("testA")[:n_samples]), np.array(data.array("testB")[:n_samples])
