@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cyclegan import winograd
+from cyclegan.device import keep_freed_memory
 
 
 def main() -> None:
@@ -26,6 +27,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `cyclegan train` does on CPU
     if not winograd.available():
         raise SystemExit("the Winograd kernel could not be built here")
     print(f"# threads {torch.get_num_threads()}; ms per forward + backward, median of {args.iters}")

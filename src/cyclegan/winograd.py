@@ -2,11 +2,11 @@
 
 A stride-1 3x3 convolution over 4x4 output tiles (6x6 input tiles, overlapping by 2) equals
     Y = A^T [ (G w G^T) ⊙ (B^T d B) ] A   per tile (Lavin & Gray, 2016),
-so summed over input channels it becomes 36 independent matrix products M[p] = U[p] @ V[p], with
-U the transformed filters [36, K, C] and V the transformed tiles [36, C, tiles]: 36 multiplications
+so summed over input channels it becomes 36 independent matrix products M[p] = V[p] @ U[p]^T, with
+V the transformed tiles [36, tiles, C] and U the transformed filters [36, K, C]: 36 multiplications
 per tile where the direct form needs 144. The products run in torch.bmm; csrc/winograd.cpp moves
-data into and out of that domain (and back, for autograd). It is compiled on the machine that uses
-it, on first use (about a minute; g++ and ninja needed), into the cache dir.
+data into and out of that domain (and back, for autograd), channels-last. It is compiled on the
+machine that uses it, on first use (about a minute; g++ and ninja needed), into the cache dir.
 
 Why: on CPU the ResNet blocks' 3x3 convolutions are two thirds of a training step at 128 px, and
 oneDNN already runs them near the cores' fp32 peak, so only fewer operations make them faster.
@@ -72,18 +72,22 @@ def available() -> bool:
 
 
 class _InputTransform(torch.autograd.Function):
+    """Padded input [N, C, Hp, Wp] -> transformed tiles [36, N * tiles, C]."""
+
     @staticmethod
     def forward(ctx, xp):
         ctx.shape = xp.shape
-        return extension().input_transform(xp)
+        return extension().input_transform_nhwc(xp.permute(0, 2, 3, 1))
 
     @staticmethod
     def backward(ctx, grad):
         n, _, hp, wp = ctx.shape
-        return extension().input_transform_backward(grad, n, hp, wp)
+        return extension().input_transform_nhwc_backward(grad, n, hp, wp).permute(0, 3, 1, 2)
 
 
 class _WeightTransform(torch.autograd.Function):
+    """Filters [K, C, 3, 3] -> [36, K, C]."""
+
     @staticmethod
     def forward(ctx, weight):
         return extension().weight_transform(weight)
@@ -94,20 +98,23 @@ class _WeightTransform(torch.autograd.Function):
 
 
 class _OutputTransform(torch.autograd.Function):
+    """Products [36, N * tiles, K] -> output [N, K, H, W] (channels-last strides)."""
+
     @staticmethod
     def forward(ctx, m, n, h, w):
-        return extension().output_transform(m, n, h, w)
+        return extension().output_transform_nhwc(m, n, h, w).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad):
-        return extension().output_transform_backward(grad), None, None, None
+        return extension().output_transform_nhwc_backward(grad.permute(0, 2, 3, 1)), None, None, None
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d(x, weight, bias) for a 3x3 kernel, stride 1, no padding: x is already padded."""
     n, _, hp, wp = x.shape
-    m = torch.bmm(_WeightTransform.apply(weight), _InputTransform.apply(x))
-    y = _OutputTransform.apply(m, n, hp - 2, wp - 2)
+    m = torch.bmm(_InputTransform.apply(x), _WeightTransform.apply(weight).transpose(1, 2))
+    # The rest of the network runs in the default (contiguous) format, faster there on CPU.
+    y = _OutputTransform.apply(m, n, hp - 2, wp - 2).contiguous()
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 

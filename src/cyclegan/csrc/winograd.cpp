@@ -1,8 +1,9 @@
 // Winograd F(4x4, 3x3) transforms (Lavin & Gray 2016) for a stride-1, unpadded 3x3 convolution
-// of an already padded input. The convolution becomes 36 independent matrix products
-// M[p] = U[p] @ V[p] (torch.bmm); these kernels move data into and out of that domain, and back
-// for autograd. Every transform is written as loops over contiguous vectors (whole image rows,
-// or all tiles of a tile row) so that the compiler vectorises them.
+// of an already padded input. The convolution becomes 36 independent matrix products, one per
+// position p of the 6x6 tile: M[p] = V[p] @ U[p]^T (torch.bmm), V the transformed input tiles
+// [36, tiles, C], U the transformed filters [36, K, C]. These kernels move data into and out of
+// that domain, and back for autograd, as loops over contiguous vectors that the compiler
+// vectorises.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -80,182 +81,166 @@ void check(const torch::Tensor& t, int64_t dim, const char* name) {
               ": expected a ", dim, "-d float32 CPU tensor");
 }
 
-// Tile geometry of an output of h x w: th x tw tiles of 4x4; the padded input it reads spans
-// (4 th + 2) x (4 tw + 2), held in buffers (4 th + 2) x (4 tw + 4) wide, zeros past the image.
+// Tile geometry of an output of h x w: th x tw tiles of 4x4, reading (4 th + 2) x (4 tw + 2)
+// input pixels, those past the image taken as zeros.
 struct Tiles {
-  int64_t th, tw, rows, width;
-  Tiles(int64_t h, int64_t w) : th(ceil4(h)), tw(ceil4(w)), rows(4 * th + 2), width(4 * (tw + 1)) {}
+  int64_t th, tw;
+  Tiles(int64_t h, int64_t w) : th(ceil4(h)), tw(ceil4(w)) {}
   int64_t count() const { return th * tw; }
 };
 
 }  // namespace
 
-// xp [N, C, Hp, Wp] -> V [36, C, N * T]: the tiles of each (n, c) plane, position by position.
-torch::Tensor input_transform(const torch::Tensor& xp_in) {
-  check(xp_in, 4, "input_transform");
-  auto xp = xp_in.contiguous();
-  const int64_t N = xp.size(0), C = xp.size(1), Hp = xp.size(2), Wp = xp.size(3);
+// The data transforms work channels-last: every operation is on a contiguous vector of C (or K)
+// floats, one per pixel. Tiles are independent, except that neighbouring input tiles overlap by
+// 2 pixels, which the input adjoint sums.
+
+// xT [N, Hp, Wp, C] -> Vt [36, N * T, C].
+torch::Tensor input_transform_nhwc(const torch::Tensor& xT_in) {
+  check(xT_in, 4, "input_transform_nhwc");
+  auto xT = xT_in.contiguous();
+  const int64_t N = xT.size(0), Hp = xT.size(1), Wp = xT.size(2), C = xT.size(3);
   const Tiles t(Hp - 2, Wp - 2);
-  const int64_t T = t.count(), stride = C * N * T, tw = t.tw, W = t.width;
-  auto V = torch::empty({36, C, N * T}, xp.options());
-  const f32* x = xp.data_ptr<f32>();
+  const int64_t T = t.count(), NT = N * T;
+  auto V = torch::empty({36, NT, C}, xT.options());
+  const f32* x = xT.data_ptr<f32>();
   f32* v = V.data_ptr<f32>();
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<f32> buf(t.rows * W), r(6 * W), ph(6 * 4 * (tw + 1));
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      std::fill(buf.begin(), buf.end(), 0.f);
-      for (int64_t y = 0; y < std::min(Hp, t.rows); ++y)
-        std::copy(x + (nc * Hp + y) * Wp, x + (nc * Hp + y) * Wp + std::min(Wp, W), buf.data() + y * W);
-      f32* out = v + c * N * T + n * T;
-      for (int64_t ty = 0; ty < t.th; ++ty) {
-        const f32* b = buf.data() + 4 * ty * W;
-        f32* rr = r.data();
-        bt6(b, b + W, b + 2 * W, b + 3 * W, b + 4 * W, b + 5 * W, rr, rr + W, rr + 2 * W, rr + 3 * W,
-            rr + 4 * W, rr + 5 * W, W);
-        // Column j of tile tx is x = 4 tx + j: split each row into its 4 phases x mod 4.
-        for (int a = 0; a < 6; ++a)
-          for (int64_t tx = 0; tx <= tw; ++tx)
-            for (int q = 0; q < 4; ++q) ph[(a * 4 + q) * (tw + 1) + tx] = r[a * W + 4 * tx + q];
-        for (int a = 0; a < 6; ++a) {
-          const f32* p = ph.data() + a * 4 * (tw + 1);
-          const int64_t s = tw + 1;
-          f32* o = out + a * 6 * stride + ty * tw;
-          bt6(p, p + s, p + 2 * s, p + 3 * s, p + 1, p + s + 1, o, o + stride, o + 2 * stride,
-              o + 3 * stride, o + 4 * stride, o + 5 * stride, tw);
-        }
+  at::parallel_for(0, NT, 1, [&](int64_t begin, int64_t end) {
+    std::vector<f32> zero(C, 0.f), tmp(36 * C);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / T, ty = (tile % T) / t.tw, tx = tile % t.tw;
+      auto in = [&](int i, int j) -> const f32* {
+        const int64_t y = 4 * ty + i, xx = 4 * tx + j;
+        return (y < Hp && xx < Wp) ? x + ((n * Hp + y) * Wp + xx) * C : zero.data();
+      };
+      for (int j = 0; j < 6; ++j) {  // tmp[a][j] = sum_i B^T[a][i] d[i][j]
+        f32* o = tmp.data() + j * C;
+        bt6(in(0, j), in(1, j), in(2, j), in(3, j), in(4, j), in(5, j), o, o + 6 * C, o + 12 * C,
+            o + 18 * C, o + 24 * C, o + 30 * C, C);
+      }
+      for (int a = 0; a < 6; ++a) {  // V[a][b] = sum_j tmp[a][j] B[j][b]
+        const f32* r = tmp.data() + a * 6 * C;
+        f32* o = v + ((a * 6) * NT + tile) * C;
+        const int64_t s = NT * C;
+        bt6(r, r + C, r + 2 * C, r + 3 * C, r + 4 * C, r + 5 * C, o, o + s, o + 2 * s, o + 3 * s, o + 4 * s,
+            o + 5 * s, C);
       }
     }
   });
   return V;
 }
 
-// The adjoint of input_transform: gV [36, C, N * T] -> gxp [N, C, Hp, Wp] (overlaps summed).
-torch::Tensor input_transform_backward(const torch::Tensor& gV_in, int64_t N, int64_t Hp, int64_t Wp) {
-  check(gV_in, 3, "input_transform_backward");
+// The adjoint: gVt [36, N * T, C] -> gxT [N, Hp, Wp, C]. Tile rows ty and ty + 1 overlap, so
+// even rows run first (in parallel), then odd ones; a tile row is one thread's, left to right.
+torch::Tensor input_transform_nhwc_backward(const torch::Tensor& gV_in, int64_t N, int64_t Hp, int64_t Wp) {
+  check(gV_in, 3, "input_transform_nhwc_backward");
   auto gV = gV_in.contiguous();
-  const int64_t C = gV.size(1);
+  const int64_t C = gV.size(2);
   const Tiles t(Hp - 2, Wp - 2);
-  const int64_t T = t.count(), stride = C * N * T, tw = t.tw, W = t.width;
-  TORCH_CHECK(gV.size(0) == 36 && gV.size(2) == N * T, "input_transform_backward: shape mismatch");
-  auto gx = torch::empty({N, C, Hp, Wp}, gV.options());
+  const int64_t T = t.count(), NT = N * T;
+  TORCH_CHECK(gV.size(0) == 36 && gV.size(1) == NT, "input_transform_nhwc_backward: shape mismatch");
+  auto gx = torch::zeros({N, Hp, Wp, C}, gV.options());
   const f32* g = gV.data_ptr<f32>();
   f32* x = gx.data_ptr<f32>();
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<f32> buf(t.rows * W), r(6 * W), d(6 * tw), rows(6 * W);
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      std::fill(buf.begin(), buf.end(), 0.f);
-      const f32* in = g + c * N * T + n * T;
-      for (int64_t ty = 0; ty < t.th; ++ty) {
-        std::fill(r.begin(), r.end(), 0.f);
-        for (int a = 0; a < 6; ++a) {
-          const f32* gi = in + a * 6 * stride + ty * tw;
-          f32* dd = d.data();
-          b6(gi, gi + stride, gi + 2 * stride, gi + 3 * stride, gi + 4 * stride, gi + 5 * stride, dd,
-             dd + tw, dd + 2 * tw, dd + 3 * tw, dd + 4 * tw, dd + 5 * tw, tw);
-          f32* ra = r.data() + a * W;
-          for (int64_t tx = 0; tx < tw; ++tx)
-            for (int j = 0; j < 6; ++j) ra[4 * tx + j] += d[j * tw + tx];
+  const int64_t rows = N * t.th;
+  for (int parity = 0; parity < 2; ++parity) {
+    at::parallel_for(0, (rows + 1 - parity) / 2, 1, [&](int64_t begin, int64_t end) {
+      std::vector<f32> tmp(36 * C), d(6 * C);
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t row = 2 * k + parity, n = row / t.th, ty = row % t.th;
+        for (int64_t tx = 0; tx < t.tw; ++tx) {
+          const int64_t tile = n * T + ty * t.tw + tx;
+          const int64_t s = NT * C;
+          for (int a = 0; a < 6; ++a) {  // tmp[a][j] = sum_b gV[a][b] B^T[b][j]
+            const f32* gi = g + ((a * 6) * NT + tile) * C;
+            f32* o = tmp.data() + a * 6 * C;
+            b6(gi, gi + s, gi + 2 * s, gi + 3 * s, gi + 4 * s, gi + 5 * s, o, o + C, o + 2 * C, o + 3 * C,
+               o + 4 * C, o + 5 * C, C);
+          }
+          for (int j = 0; j < 6; ++j) {  // gd[i][j] = sum_a B[i][a] tmp[a][j], summed into gx
+            const int64_t xx = 4 * tx + j;
+            const f32* r = tmp.data() + j * C;
+            f32* o = d.data();
+            b6(r, r + 6 * C, r + 12 * C, r + 18 * C, r + 24 * C, r + 30 * C, o, o + C, o + 2 * C, o + 3 * C,
+               o + 4 * C, o + 5 * C, C);
+            if (xx >= Wp) continue;
+            for (int i = 0; i < 6; ++i) {
+              const int64_t y = 4 * ty + i;
+              if (y >= Hp) break;
+              f32* dst = x + ((n * Hp + y) * Wp + xx) * C;
+              const f32* src = d.data() + i * C;
+              for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+            }
+          }
         }
-        f32* rr = r.data();
-        f32* o = rows.data();
-        b6(rr, rr + W, rr + 2 * W, rr + 3 * W, rr + 4 * W, rr + 5 * W, o, o + W, o + 2 * W, o + 3 * W,
-           o + 4 * W, o + 5 * W, W);
-        f32* b = buf.data() + 4 * ty * W;
-        for (int64_t q = 0; q < 6 * W; ++q) b[q] += o[q];
       }
-      for (int64_t y = 0; y < Hp; ++y) {
-        f32* dst = x + (nc * Hp + y) * Wp;
-        const int64_t w = std::min(Wp, W);
-        if (y < t.rows) std::copy(buf.data() + y * W, buf.data() + y * W + w, dst);
-        else std::fill(dst, dst + w, 0.f);
-        std::fill(dst + w, dst + Wp, 0.f);
-      }
-    }
-  });
+    });
+  }
   return gx;
 }
 
-// M [36, K, N * T] -> Y [N, K, H, W]: each tile's 4x4 outputs A^T m A.
-torch::Tensor output_transform(const torch::Tensor& M_in, int64_t N, int64_t H, int64_t Wd) {
-  check(M_in, 3, "output_transform");
+// Mt [36, N * T, K] -> YT [N, H, W, K].
+torch::Tensor output_transform_nhwc(const torch::Tensor& M_in, int64_t N, int64_t H, int64_t Wd) {
+  check(M_in, 3, "output_transform_nhwc");
   auto M = M_in.contiguous();
-  const int64_t K = M.size(1);
+  const int64_t K = M.size(2);
   const Tiles t(H, Wd);
-  const int64_t T = t.count(), stride = K * N * T, tw = t.tw;
-  TORCH_CHECK(M.size(0) == 36 && M.size(2) == N * T, "output_transform: shape mismatch");
-  auto Y = torch::empty({N, K, H, Wd}, M.options());
+  const int64_t T = t.count(), NT = N * T;
+  TORCH_CHECK(M.size(0) == 36 && M.size(1) == NT, "output_transform_nhwc: shape mismatch");
+  auto Y = torch::empty({N, H, Wd, K}, M.options());
   const f32* m = M.data_ptr<f32>();
   f32* y = Y.data_ptr<f32>();
-  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<f32> cols(6 * 4 * tw), rows(4 * 4 * tw), line(4 * tw);
-    for (int64_t nk = begin; nk < end; ++nk) {
-      const int64_t n = nk / K, k = nk % K;
-      const f32* in = m + k * N * T + n * T;
-      f32* plane = y + nk * H * Wd;
-      for (int64_t ty = 0; ty < t.th; ++ty) {
-        for (int a = 0; a < 6; ++a) {  // cols[a][q] = sum_b A^T[q][b] m[a][b], over the tiles
-          const f32* mi = in + a * 6 * stride + ty * tw;
-          f32* cq = cols.data() + a * 4 * tw;
-          at4(mi, mi + stride, mi + 2 * stride, mi + 3 * stride, mi + 4 * stride, mi + 5 * stride, cq,
-              cq + tw, cq + 2 * tw, cq + 3 * tw, tw);
-        }
-        for (int q = 0; q < 4; ++q) {  // rows[p][q] = sum_a A^T[p][a] cols[a][q]
-          const f32* c0 = cols.data() + q * tw;
-          const int64_t s = 4 * tw;
-          f32* o = rows.data() + q * tw;
-          at4(c0, c0 + s, c0 + 2 * s, c0 + 3 * s, c0 + 4 * s, c0 + 5 * s, o, o + s, o + 2 * s, o + 3 * s, tw);
-        }
-        for (int p = 0; p < 4; ++p) {
-          const int64_t row = 4 * ty + p;
-          if (row >= H) break;
-          for (int64_t tx = 0; tx < tw; ++tx)
-            for (int q = 0; q < 4; ++q) line[4 * tx + q] = rows[p * 4 * tw + q * tw + tx];
-          std::copy(line.data(), line.data() + Wd, plane + row * Wd);
-        }
+  at::parallel_for(0, NT, 1, [&](int64_t begin, int64_t end) {
+    std::vector<f32> tmp(24 * K), scratch(K);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / T, ty = (tile % T) / t.tw, tx = tile % t.tw;
+      const int64_t s = NT * K;
+      for (int a = 0; a < 6; ++a) {  // tmp[a][q] = sum_b m[a][b] A[b][q]
+        const f32* mi = m + ((a * 6) * NT + tile) * K;
+        f32* o = tmp.data() + a * 4 * K;
+        at4(mi, mi + s, mi + 2 * s, mi + 3 * s, mi + 4 * s, mi + 5 * s, o, o + K, o + 2 * K, o + 3 * K, K);
+      }
+      auto out = [&](int p, int q) -> f32* {
+        const int64_t row = 4 * ty + p, col = 4 * tx + q;
+        return (row < H && col < Wd) ? y + ((n * H + row) * Wd + col) * K : scratch.data();
+      };
+      for (int q = 0; q < 4; ++q) {  // y[p][q] = sum_a A^T[p][a] tmp[a][q]
+        const f32* r = tmp.data() + q * K;
+        at4(r, r + 4 * K, r + 8 * K, r + 12 * K, r + 16 * K, r + 20 * K, out(0, q), out(1, q), out(2, q),
+            out(3, q), K);
       }
     }
   });
   return Y;
 }
 
-// The adjoint of output_transform: gY [N, K, H, W] -> gM [36, K, N * T].
-torch::Tensor output_transform_backward(const torch::Tensor& gY_in) {
-  check(gY_in, 4, "output_transform_backward");
+// The adjoint: gYT [N, H, W, K] -> gMt [36, N * T, K].
+torch::Tensor output_transform_nhwc_backward(const torch::Tensor& gY_in) {
+  check(gY_in, 4, "output_transform_nhwc_backward");
   auto gY = gY_in.contiguous();
-  const int64_t N = gY.size(0), K = gY.size(1), H = gY.size(2), Wd = gY.size(3);
+  const int64_t N = gY.size(0), H = gY.size(1), Wd = gY.size(2), K = gY.size(3);
   const Tiles t(H, Wd);
-  const int64_t T = t.count(), stride = K * N * T, tw = t.tw;
-  auto gM = torch::empty({36, K, N * T}, gY.options());
+  const int64_t T = t.count(), NT = N * T;
+  auto gM = torch::empty({36, NT, K}, gY.options());
   const f32* g = gY.data_ptr<f32>();
   f32* m = gM.data_ptr<f32>();
-  at::parallel_for(0, N * K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<f32> ph(4 * 4 * tw), cols(6 * 4 * tw);
-    for (int64_t nk = begin; nk < end; ++nk) {
-      const int64_t n = nk / K, k = nk % K;
-      const f32* plane = g + nk * H * Wd;
-      f32* out = m + k * N * T + n * T;
-      for (int64_t ty = 0; ty < t.th; ++ty) {
-        std::fill(ph.begin(), ph.end(), 0.f);  // ph[p][q][tx] = gY[4 ty + p][4 tx + q]
-        for (int p = 0; p < 4; ++p) {
-          const int64_t row = 4 * ty + p;
-          if (row >= H) break;
-          const f32* src = plane + row * Wd;
-          for (int64_t col = 0; col < Wd; ++col) ph[(p * 4 + col % 4) * tw + col / 4] = src[col];
-        }
-        for (int q = 0; q < 4; ++q) {  // cols[a][q] = sum_p A^T[p][a] ph[p][q]
-          const int64_t s = 4 * tw;
-          const f32* p0 = ph.data() + q * tw;
-          f32* c = cols.data() + q * tw;
-          a6(p0, p0 + s, p0 + 2 * s, p0 + 3 * s, c, c + s, c + 2 * s, c + 3 * s, c + 4 * s, c + 5 * s, tw);
-        }
-        for (int a = 0; a < 6; ++a) {  // gM[a][b] = sum_q A^T[q][b] cols[a][q]
-          const f32* c = cols.data() + a * 4 * tw;
-          f32* o = out + a * 6 * stride + ty * tw;
-          a6(c, c + tw, c + 2 * tw, c + 3 * tw, o, o + stride, o + 2 * stride, o + 3 * stride,
-             o + 4 * stride, o + 5 * stride, tw);
-        }
+  at::parallel_for(0, NT, 1, [&](int64_t begin, int64_t end) {
+    std::vector<f32> tmp(24 * K), zero(K, 0.f);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / T, ty = (tile % T) / t.tw, tx = tile % t.tw;
+      auto in = [&](int p, int q) -> const f32* {
+        const int64_t row = 4 * ty + p, col = 4 * tx + q;
+        return (row < H && col < Wd) ? g + ((n * H + row) * Wd + col) * K : zero.data();
+      };
+      for (int q = 0; q < 4; ++q) {  // tmp[a][q] = sum_p A[a][p] g[p][q]
+        f32* o = tmp.data() + q * K;
+        a6(in(0, q), in(1, q), in(2, q), in(3, q), o, o + 4 * K, o + 8 * K, o + 12 * K, o + 16 * K, o + 20 * K, K);
+      }
+      const int64_t s = NT * K;
+      for (int a = 0; a < 6; ++a) {  // gM[a][b] = sum_q tmp[a][q] A^T[q][b]
+        const f32* r = tmp.data() + a * 4 * K;
+        f32* o = m + ((a * 6) * NT + tile) * K;
+        a6(r, r + K, r + 2 * K, r + 3 * K, o, o + s, o + 2 * s, o + 3 * s, o + 4 * s, o + 5 * s, K);
       }
     }
   });
@@ -330,10 +315,10 @@ torch::Tensor weight_transform_backward(const torch::Tensor& gU_in) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("input_transform", &input_transform);
-  m.def("input_transform_backward", &input_transform_backward);
-  m.def("output_transform", &output_transform);
-  m.def("output_transform_backward", &output_transform_backward);
+  m.def("input_transform_nhwc", &input_transform_nhwc);
+  m.def("input_transform_nhwc_backward", &input_transform_nhwc_backward);
+  m.def("output_transform_nhwc", &output_transform_nhwc);
+  m.def("output_transform_nhwc_backward", &output_transform_nhwc_backward);
   m.def("weight_transform", &weight_transform);
   m.def("weight_transform_backward", &weight_transform_backward);
 }
