@@ -135,7 +135,6 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
         "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else max_rss_mib(),
         "base_mib": 0.0 if cuda else base_rss,
         "threads": torch.get_num_threads(),
-        "winograd": bool(model.winograd),
     }
     if baseline_times:
         baseline_times.sort()
@@ -171,8 +170,7 @@ def main() -> None:
         extra = (f"  {r['baseline_s_per_iter']:>8.3f} (x{r['baseline_s_per_iter'] / r['s_per_iter']:.2f})"
                  if "baseline_s_per_iter" in r else "")
         print(f"{size:>5} {r['s_per_iter']:>8.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} {r['images_per_s']:>7.2f} "
-              f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}{extra}  {ref if ref else '-'}"
-              f"{'  (Winograd)' if r.get('winograd') else ''}")
+              f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}{extra}  {ref if ref else '-'}")
     load = os.getloadavg()
     print(f"# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

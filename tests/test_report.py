@@ -81,7 +81,7 @@ def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarr
         {"counts": {"testA": {"found": N_TEST + 1, "used": N_TEST, "skipped": 1}}, "warnings": []}))
     if preview:
         (root / paths.REPORTS).mkdir()
-        Image.new("RGB", (40, 20), (10, 200, 30)).save(root / report.PREVIEW)
+        Image.new("RGB", (40, 20), (10, 200, 30)).save(root / paths.DATASET_PREVIEW)
     return sets
 
 
@@ -215,7 +215,7 @@ def test_optional_sections_are_skipped(tmp_path, monkeypatch):
     report.main(cfg)
     page = (tmp_path / report.REPORT).read_text()
     assert '<section id="per-epoch">' not in page and '<section id="experiments">' not in page
-    assert f"No {report.PREVIEW}" in page
+    assert f"No {paths.DATASET_PREVIEW}" in page
     assert ">123.5<" in page
     assert not (tmp_path / report.EPOCH_PNG).exists()  # a stale figure does not outlive its section
 

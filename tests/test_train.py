@@ -227,10 +227,14 @@ def test_calls_stay_separate_where_batching_would_change_the_result(overrides):
 
 
 def test_identity_off_logs_zero_and_wgangp_adds_a_penalty():
-    model = tiny_model(lambda_identity=0.0, train={"gan_mode": "wgangp", "pool_size": 0})
-    losses = model.train_step(images(2), images(2, seed=1))
+    wgan = {"gan_mode": "wgangp", "pool_size": 0}
+    losses = tiny_model(lambda_identity=0.0, train=wgan).train_step(images(2), images(2, seed=1))
     assert losses["idt_A"] == 0 and losses["idt_B"] == 0
     assert all(torch.isfinite(v) for v in losses.values())
+    without = tiny_model(lambda_identity=0.0, train={**wgan, "lambda_gp": 0.0}).train_step(images(2), images(2, seed=1))
+    for k in ("D_A", "D_B"):  # the same step but for the penalty, which is positive
+        assert losses[k] > without[k]
+    assert losses["G_A"] == without["G_A"]
 
 
 def test_generator_loss_leaves_no_gradient_in_the_discriminators():
@@ -415,20 +419,6 @@ def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
     assert [(m.step, m.value) for m in history] == [(1, 11.0), (2, 13.0)]
 
 
-def test_deterministic_mode_changes_nothing_on_cpu():
-    try:
-        model = tiny_model()
-        plain = [model.train_step(images(1, seed=i), images(1, seed=i + 9)) for i in range(2)]
-        train.configure_torch(config_from_dict(merge(TINY, {"train": {"deterministic": True}})),
-                              torch.device("cpu"), rank=0)
-        model = tiny_model(train={"deterministic": True})
-        strict = [model.train_step(images(1, seed=i), images(1, seed=i + 9)) for i in range(2)]
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(plain, strict) for k in LOSS_TERMS)
-
-
 def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_again():
     """configure_torch on CPU raises glibc's malloc thresholds: the memory of a step's freed
     tensors is reused by the next step's. By default glibc maps blocks above 32 MiB afresh each
@@ -451,10 +441,32 @@ def faults_of_steps():
 
 default = faults_of_steps()
 train.configure_torch(config_from_dict({"train": {"device": "cpu"}}), torch.device("cpu"), rank=0)
-print(default, faults_of_steps())
+# glibc before 2.35 caps the mmap threshold at 32 MiB: 48 MiB blocks would still be mapped there.
+import ctypes
+above_48_mib = ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 30) == 1
+print(default, faults_of_steps(), int(above_48_mib))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    default, tuned = map(int, out.stdout.split())
+    default, tuned, above_48_mib = map(int, out.stdout.split())
+    if not above_48_mib:
+        pytest.skip("this glibc caps the mmap threshold below the test's 48 MiB blocks")
     assert default > 10 * 2 * 12288 * 0.9  # the two 48 MiB blocks, every step
     assert tuned < 1000
+
+
+def test_fingerprint_covers_what_changes_the_computation_and_nothing_else():
+    def fp(world: int = 1, bf16: bool = False, **overrides) -> str:
+        return train.fingerprint(config_from_dict(merge(TINY, overrides)), "data-hash", world, bf16)
+
+    base = fp()
+    # Where and how fast it runs, and how often it logs or saves, may change on resumption;
+    # precision only through the arithmetic actually used (auto and fp32 are both fp32 on CPU).
+    for overrides in ({"train": {"threads": 2}}, {"train": {"log_every": 7}}, {"train": {"checkpoint_every": 9}},
+                      {"train": {"max_steps": 3}}, {"train": {"winograd": False}}, {"train": {"precision": "fp32"}},
+                      {"train": {"keep_checkpoints": 5}}, {"train": {"eval_every": 1}}):
+        assert fp(**overrides) == base, overrides
+    for changed in (fp(bf16=True), fp(world=2), fp(lambda_cycle=5.0), fp(seed=1), fp(train={"lr": 0.001}),
+                    fp(model={"ngf": 16}), fp(data={"crop_size": 24}),
+                    train.fingerprint(config_from_dict(TINY), "other-data", 1, False)):
+        assert changed != base

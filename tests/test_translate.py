@@ -65,7 +65,8 @@ def test_full_resolution_keeps_each_size_rounded_to_multiples_of_4(tmp_path, mon
 
 
 def test_a_users_folder_with_a_chosen_generator(tmp_path, monkeypatch):
-    cfg, _ = _project(tmp_path, monkeypatch)
+    cfg, _ = _project(tmp_path, monkeypatch,
+                      data={**SMALL["data"], "alpha_background": [0, 128, 255]})  # not the default white
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (50, 40), (200, 100, 0)).save(photos / "a.jpg")
@@ -78,8 +79,8 @@ def test_a_users_folder_with_a_chosen_generator(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)  # resized to crop_size
     # Transparent pixels are composited over data.alpha_background, as `prepare` does for training.
     net = translate.load_generator(paths.MODELS / "G_B.pt", torch.device("cpu"))
-    white = np.full((1, 32, 32, 3), 255, np.uint8)
-    expected = translate.translate_array(net, white, 1, torch.device("cpu"))[0]
+    background = np.broadcast_to(np.array([0, 128, 255], np.uint8), (1, 32, 32, 3))
+    expected = translate.translate_array(net, background, 1, torch.device("cpu"))[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "b.png")), expected)
 
 
@@ -94,3 +95,9 @@ def test_bad_inputs_give_one_line(tmp_path, monkeypatch, capsys):
     code = cli_main(["translate", "--input", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "missing: not a folder" in err
+
+
+def test_missing_prepared_data_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/prepared here: one line naming the file, not a traceback
+    with pytest.raises(UserError, match=r"data/prepared/toy_horse2zebra/manifest.json: no prepared dataset"):
+        translate.main(config_from_dict(SMALL), None)

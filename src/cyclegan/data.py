@@ -20,18 +20,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import paths
+from .errors import UserError
+
 SPLITS = ("trainA", "trainB", "testA", "testB")
 TARGET_SPLITS = ("testA_target", "testB_target")
 MANIFEST = "manifest.json"
-RAW_ROOT = Path("data/raw")
-PREPARED_ROOT = Path("data/prepared")
 
 
 def dataset_name(dataset: str) -> str:
     """`horse2zebra` -> horse2zebra; `/path/to/my_folders/` -> my_folders."""
     # "." and ".." give no usable name; datasets.resolve refuses them before any stage runs.
-    p = Path(dataset)
-    return p.name if len(p.parts) > 1 or dataset.startswith(".") else dataset
+    return Path(dataset).name
 
 
 @dataclass
@@ -40,12 +40,22 @@ class PreparedDataset:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | Path) -> "PreparedDataset":
+    def open(cls, root: str | Path, splits: tuple[str, ...] = ()) -> "PreparedDataset":
+        """The prepared data in `root`, with `splits` present; a one-line error naming the file if not."""
         root = Path(root)
         path = root / MANIFEST
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no prepared dataset here; run `dvc repro prepare` first")
-        return cls(root, json.loads(path.read_text()))
+        if not path.is_file():
+            raise UserError(f"{path}: no prepared dataset here; run `dvc repro prepare` (or `dvc repro`) first")
+        data = cls(root, json.loads(path.read_text()))
+        for split in splits:
+            if not data.has(split):
+                raise UserError(f"{root / f'{split}.npy'}: missing; run `dvc repro prepare` (or `dvc repro`) again")
+        return data
+
+    @classmethod
+    def of(cls, dataset: str, splits: tuple[str, ...] = ()) -> "PreparedDataset":
+        """The prepared data of data.dataset `dataset`, in data/prepared/<name>."""
+        return cls.open(paths.PREPARED / dataset_name(dataset), splits)
 
     def array(self, split: str) -> np.ndarray:
         return np.load(self.root / f"{split}.npy", mmap_mode="r")

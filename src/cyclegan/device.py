@@ -23,12 +23,7 @@ def cpu_has_native_bf16() -> bool:
 
     Without them torch still runs bf16 on the CPU, by conversion, slower than fp32.
     """
-    cpu = torch.backends.cpu
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    found = [bool(probe()) for probe in probes if probe is not None]
-    if found:
-        return any(found)
-    return cpu.get_cpu_capability() == "AMX"  # older torch: no probes, only the dispatch level
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def use_bf16(setting: str, device: torch.device, key: str) -> bool:

@@ -35,7 +35,8 @@ class Conv3x3(nn.Conv2d):
     """The ResNet blocks' convolution: 3x3, stride 1, on an input padded beforehand.
 
     With `winograd` set (use_winograd) it runs as Winograd F(4x4, 3x3) where that is faster
-    (fp32 on CPU, wide and large enough; cyclegan.winograd.worth_it): the same parameters and function.
+    (fp32 on CPU, wide and large enough: cyclegan.winograd.suits), the kernel being built on the
+    first such call: the same parameters and function.
     """
 
     winograd = False
@@ -44,7 +45,7 @@ class Conv3x3(nn.Conv2d):
         super().__init__(dim, dim, 3, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.winograd and winograd.suits(x, self.weight):
+        if self.winograd and winograd.suits(x, self.weight) and winograd.available():
             return winograd.conv3x3(x, self.weight, self.bias)
         return super().forward(x)
 

@@ -13,3 +13,4 @@ TRAIN_LOSSES = METRICS / "train_losses.csv"
 EVAL_METRICS = METRICS / "eval.json"
 DATA_REPORT = METRICS / "data_report.json"
 REPORTS = Path("reports")
+DATASET_PREVIEW = REPORTS / "dataset_preview.png"

@@ -25,15 +25,15 @@ STORE = "mlflow.db"
 _EXP_TMP = os.path.join(".dvc", "tmp", "exps")
 
 
-def project_root(cwd: str | Path | None = None) -> Path:
+def project_root() -> Path:
     """The project root, also from inside a queued experiment's copy under .dvc/tmp/exps/.
 
     DVC sets DVC_ROOT for stage commands (for queued experiments: the parent repo's root);
     outside DVC the path itself tells.
     """
-    if cwd is None and os.environ.get("DVC_ROOT"):
+    if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path(cwd or os.getcwd()).resolve()
+    cwd = Path.cwd().resolve()
     text = str(cwd)
     marker = os.sep + _EXP_TMP + os.sep
     if marker in text:
@@ -145,7 +145,7 @@ def reattach(cfg: Config) -> Iterator[Any]:
             mlflow.get_run(run_id)
         except Exception:
             run_id = None
-    with mlflow.start_run(run_id=run_id, run_name=os.environ.get("DVC_EXP_NAME") or None) as run:
+    with mlflow.start_run(run_id=run_id, run_name=os.environ.get("DVC_EXP_NAME") or None):
         if run_id is None:
             mlflow.log_params(run_params(cfg))
         mlflow.set_tags(run_tags(cfg))

@@ -118,12 +118,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-def worth_it(channels: int, size: int) -> bool:
-    """Whether a 3x3 convolution of `channels` channels over `size` px gains from Winograd."""
-    return channels >= MIN_CHANNELS and size >= MIN_SIZE and channels * size >= MIN_CHANNELS_X_SIZE
-
-
 def suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether conv3x3 is the faster way here: fp32 on CPU (not under autocast), big enough."""
+    """Whether conv3x3 is the faster way here: fp32 on CPU (not under autocast), wide and big enough."""
+    channels, size = weight.shape[1], min(x.shape[-2:]) - 2
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and worth_it(weight.shape[1], min(x.shape[-2:]) - 2))
+            and not torch.is_autocast_enabled("cpu") and channels >= MIN_CHANNELS and size >= MIN_SIZE
+            and channels * size >= MIN_CHANNELS_X_SIZE)

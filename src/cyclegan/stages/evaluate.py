@@ -72,10 +72,6 @@ class ImageArrayDataset(Dataset):
         return torch.from_numpy(np.array(self.images[i], dtype=np.uint8)).permute(2, 0, 1)
 
 
-def select_device(name: str) -> str:
-    return resolve_device(name, "eval.device").type
-
-
 def kid_subset_size(n1: int, n2: int) -> int:
     """min(1000, n1, n2): torch-fidelity's default size, shrunk to what both sets can provide."""
     if min(n1, n2) < 2:
@@ -129,7 +125,7 @@ class InceptionScorer:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "InceptionScorer":
-        return cls(inception.resolve(cfg.eval.inception_weights), select_device(cfg.eval.device),
+        return cls(inception.resolve(cfg.eval.inception_weights), resolve_device(cfg.eval.device, "eval.device").type,
                    cfg.eval.batch_size)
 
     @property
@@ -197,7 +193,7 @@ def fid_kid_from_features(f1: np.ndarray, f2: np.ndarray, subset: int) -> dict[s
 
 @functools.lru_cache(maxsize=2)
 def _scorer(weights_setting: str, device: str, batch_size: int) -> InceptionScorer:
-    return InceptionScorer(inception.resolve(weights_setting), select_device(device), batch_size)
+    return InceptionScorer(inception.resolve(weights_setting), resolve_device(device, "eval.device").type, batch_size)
 
 
 def fid_kid(fake: np.ndarray, real: np.ndarray, cfg: Config) -> dict[str, float]:
@@ -259,24 +255,11 @@ def ground_truth_errors(inputs: np.ndarray, fakes: np.ndarray, targets: np.ndarr
     return {"translation": errors(y), "identity": errors(x)}
 
 
-def _open_prepared(cfg: Config) -> PreparedDataset:
-    root = paths.PREPARED / dataset_name(cfg.data.dataset)
-    try:
-        data = PreparedDataset.open(root)
-    except FileNotFoundError:
-        raise UserError(f"{root / 'manifest.json'}: no prepared dataset; run `dvc repro prepare` "
-                        f"(or `dvc repro`) first") from None
-    for split in ("testA", "testB"):
-        if not data.has(split):
-            raise UserError(f"{root / f'{split}.npy'}: missing; run `dvc repro prepare` (or `dvc repro`) again")
-    return data
-
-
 def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, Any]:
     """Compute every metric, write metrics/eval.json, and return its content."""
     import torch_fidelity
 
-    data = _open_prepared(cfg)
+    data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
     real = {split: np.asarray(data.array(split)) for split in ("testA", "testB")}
     size = real["testA"].shape[1:3]
     fakes, resized = {}, {}

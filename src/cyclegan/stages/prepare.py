@@ -31,9 +31,7 @@ from ..config import Config
 from ..data import MANIFEST, SPLITS, TARGET_SPLITS
 from ..errors import UserError
 from ..fileio import atomic_dir, atomic_path, write_json
-from ..paths import DATA_REPORT, PREPARED, RAW, REPORTS
-
-PREVIEW = REPORTS / "dataset_preview.png"
+from ..paths import DATA_REPORT, DATASET_PREVIEW, PREPARED, RAW
 # Below this many input bytes a process pool costs more to start (~1 s) than it saves: the
 # embedded dataset (3 MB of small PNGs) decodes in half a second on one core.
 PARALLEL_MIN_BYTES = 16 << 20
@@ -174,7 +172,7 @@ def _bad(s: Split, i: int, reason: str) -> UserError:
 
 
 def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
-        report_path: Path = DATA_REPORT, preview_path: Path = PREVIEW, workers: int = 0) -> dict:
+        report_path: Path = DATA_REPORT, preview_path: Path = DATASET_PREVIEW, workers: int = 0) -> dict:
     """Prepare data.dataset; returns the data report (also written to report_path)."""
     started = time.perf_counter()
     name = datasets.resolve(cfg.data.dataset).name

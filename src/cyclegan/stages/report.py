@@ -29,14 +29,14 @@ import torch
 
 from .. import paths, tracking
 from ..config import Config
-from ..data import PreparedDataset, dataset_name, to_tensor
+from ..device import resolve_device
+from ..data import PreparedDataset, to_tensor
 from ..errors import UserError
 from ..fileio import atomic_path, write_text
 from . import compare
-from .translate import load_generator, select_device
+from .translate import load_generator
 
 REPORT = paths.REPORTS / "index.html"
-PREVIEW = paths.REPORTS / "dataset_preview.png"
 LOSS_PNG = paths.REPORTS / "loss_curves.png"
 EPOCH_PNG = paths.REPORTS / "fid_kid_per_epoch.png"
 SAMPLE_PNG = {"A2B": paths.REPORTS / "samples_A2B.png", "B2A": paths.REPORTS / "samples_B2A.png"}
@@ -161,10 +161,9 @@ class Inputs:
 
 def read_local_inputs(cfg: Config) -> Inputs:
     """The files of the pipeline's stages, and the sample grids computed from the generators."""
-    prepared = paths.PREPARED / dataset_name(cfg.data.dataset)
+    data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
     generators = {"G_A": paths.MODELS / "G_A.pt", "G_B": paths.MODELS / "G_B.pt"}
-    _require({prepared / "manifest.json": "prepare", prepared / "testA.npy": "prepare",
-              prepared / "testB.npy": "prepare", generators["G_A"]: "train", generators["G_B"]: "train",
+    _require({generators["G_A"]: "train", generators["G_B"]: "train",
               paths.MLFLOW_RUN: "train", paths.TRAIN_METRICS: "train", paths.TRAIN_LOSSES: "train",
               paths.EVAL_METRICS: "evaluate"})
     try:
@@ -174,8 +173,7 @@ def read_local_inputs(cfg: Config) -> Inputs:
     if "step" not in losses or "lr" not in losses:
         raise UserError(f"{paths.TRAIN_LOSSES}: no step/lr columns; run `dvc repro train` again")
 
-    data = PreparedDataset.open(prepared)
-    device = select_device(cfg.eval.device)
+    device = resolve_device(cfg.eval.device, "eval.device")
     G_A = load_generator(generators["G_A"], device)
     G_B = load_generator(generators["G_B"], device)
     n = cfg.eval.n_samples
@@ -189,8 +187,8 @@ def read_local_inputs(cfg: Config) -> Inputs:
     inputs = Inputs(cfg=cfg, train=_read_json(paths.TRAIN_METRICS, "train"),
                     evaluation=_read_json(paths.EVAL_METRICS, "evaluate"),
                     losses=losses, samples=samples, n_samples=n)
-    if PREVIEW.is_file():
-        inputs.preview = PREVIEW.read_bytes()
+    if paths.DATASET_PREVIEW.is_file():
+        inputs.preview = paths.DATASET_PREVIEW.read_bytes()
     if paths.DATA_REPORT.is_file():
         inputs.data_report = _read_json(paths.DATA_REPORT, "prepare")
     return inputs
@@ -295,7 +293,7 @@ def _dataset_section(inputs: Inputs) -> str:
     if inputs.preview:
         parts.append(_img(inputs.preview, "dataset preview", zoom=True))
     else:
-        parts.append(f'<p class="muted">No {PREVIEW} (written by <code>dvc repro prepare</code>).</p>')
+        parts.append(f'<p class="muted">No {paths.DATASET_PREVIEW} (written by <code>dvc repro prepare</code>).</p>')
     report = inputs.data_report or {}
     counts = report.get("counts")
     if isinstance(counts, dict):

@@ -43,10 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import checkpoint, paths, tracking, winograd
+from .. import checkpoint, paths, tracking
 from ..config import Config
 from ..device import keep_freed_memory, resolve_device, use_bf16
-from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, dataset_name, to_tensor
+from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, to_tensor
 from ..errors import UserError
 from ..fileio import atomic_path, write_json
 from ..losses import GANLoss, ImagePool, gradient_penalty
@@ -66,10 +66,6 @@ def add_arguments(parser) -> None:
 
 
 # --- setup -----------------------------------------------------------------------------------
-
-def select_device(name: str) -> torch.device:
-    return resolve_device(name, "train.device")
-
 
 @dataclass(frozen=True)
 class Distributed:
@@ -93,7 +89,7 @@ class Distributed:
 
 def init_distributed(device_setting: str) -> tuple[Distributed, torch.device]:
     """Join the torchrun job described by the environment (RANK, WORLD_SIZE, ...), if any."""
-    device = select_device(device_setting)
+    device = resolve_device(device_setting, "train.device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed(), device
@@ -222,9 +218,7 @@ class CycleGAN:
                 _replace_reflection_pads(net)
         self.nets: dict[str, nn.Module] = {
             k: v.to(device=device, memory_format=self.memory_format) for k, v in nets.items()}
-        self.winograd = (device.type == "cpu" and t.winograd and not self.bf16 and m.netG.startswith("resnet")
-                         and winograd.worth_it(4 * m.ngf, cfg.data.crop_size // 4) and winograd.available())
-        if self.winograd:
+        if t.winograd:  # each layer decides per call, and only a call that gains builds the kernel
             for k in ("G_A", "G_B"):
                 use_winograd(self.nets[k])
 
@@ -519,10 +513,7 @@ class Progress:
 def _open_dataset(cfg: Config, ddp: Distributed) -> tuple[PreparedDataset, UnpairedTrainSet, int]:
     """The prepared data, the training set, and the samples per epoch; all params checked here."""
     t = cfg.train
-    try:
-        data = PreparedDataset.open(paths.PREPARED / dataset_name(cfg.data.dataset))
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    data = PreparedDataset.of(cfg.data.dataset, ("trainA", "trainB", "testA", "testB"))
     train_A, train_B = data.array("trainA"), data.array("trainB")
     if min(train_A.shape[1:3]) < cfg.data.crop_size or min(train_B.shape[1:3]) < cfg.data.crop_size:
         raise UserError(f"data.crop_size ({cfg.data.crop_size}) exceeds the prepared images "
@@ -592,7 +583,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
     if ddp.main:
         print(f"cyclegan train: {total_steps} steps ({n_epochs_total} epochs of {steps_per_epoch} steps, "
               f"global batch {global_batch}) on {ddp.world} x {device.type}, "
-              f"{'bf16 autocast' if model.bf16 else 'fp32'}{', Winograd 3x3 convolutions' if model.winograd else ''}")
+              f"{'bf16 autocast' if model.bf16 else 'fp32'}")
 
     n_samples = cfg.eval.n_samples or 4
     sample_A, sample_B = np.array(data.array("testA")[:n_samples]), np.array(data.array("testB")[:n_samples])

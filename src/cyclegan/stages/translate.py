@@ -29,10 +29,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", type=Path, help="output folder for --input")
 
 
-def select_device(name: str) -> torch.device:
-    return resolve_device(name, "eval.device")
-
-
 def load_generator(path: Path, device: torch.device) -> torch.nn.Module:
     if not path.exists():
         raise UserError(f"{path}: generator not found; run `dvc repro train` first")
@@ -80,7 +76,7 @@ def translate_files(net: torch.nn.Module, files: list[Path], out_dir: Path, size
 
 def translate_test_sets(cfg: Config, device: torch.device) -> None:
     name = dataset_name(cfg.data.dataset)
-    data = PreparedDataset.open(paths.PREPARED / name)
+    data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
     with atomic_dir(paths.TRANSLATED) as out:
         for direction, split, gen in (("A2B", "testA", "G_A.pt"), ("B2A", "testB", "G_B.pt")):
             net = load_generator(paths.MODELS / gen, device)
@@ -96,7 +92,7 @@ def translate_test_sets(cfg: Config, device: torch.device) -> None:
 
 
 def main(cfg: Config, args=None) -> None:
-    device = select_device(cfg.eval.device)
+    device = resolve_device(cfg.eval.device, "eval.device")
     if args is None or args.input is None:
         translate_test_sets(cfg, device)
         return
