@@ -14,6 +14,7 @@ Everything is written to a temporary folder; nothing in the project changes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -22,14 +23,20 @@ from pathlib import Path
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "horse2zebra"
 
 
-def bench_prepare(cfg, raw_root: Path, out: Path, workers: int) -> tuple[float, int, int]:
-    from cyclegan.stages import prepare
+def bench_prepare(project: Path, workers: int) -> tuple[float, int, int]:
+    """`cyclegan prepare --workers N` in `project`; returns seconds, images used and processes."""
+    from cyclegan.cli import main as cyclegan
 
-    start = time.perf_counter()
-    report = prepare.run(cfg, raw_root=raw_root, prepared_root=out / "prepared",
-                         report_path=out / "data_report.json", preview_path=out / "preview.png",
-                         workers=workers)
-    elapsed = time.perf_counter() - start
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        start = time.perf_counter()
+        if cyclegan(["prepare", "--workers", str(workers)]) != 0:
+            raise SystemExit("cyclegan prepare failed")
+        elapsed = time.perf_counter() - start
+        report = json.loads(Path("metrics/data_report.json").read_text())
+    finally:
+        os.chdir(cwd)
     return elapsed, report["images_used"], report["workers"]
 
 
@@ -69,20 +76,19 @@ def main() -> None:
 
     # Heavy imports stay inside main(): prepare's worker processes re-import this script.
     from cyclegan import datasets
-    from cyclegan.config import config_from_dict
 
-    cfg = config_from_dict({"data": {"dataset": "horse2zebra", "load_size": 286, "crop_size": 256}})
     cores = len(os.sched_getaffinity(0))
     rows = []
     with tempfile.TemporaryDirectory(prefix="cyclegan-bench-") as tmp:
-        tmp = Path(tmp)
-        raw_root = tmp / "raw"
-        datasets.copy_images(args.source, raw_root / "horse2zebra")
+        project = Path(tmp)
+        (project / "params.yaml").write_text(
+            "data:\n  dataset: horse2zebra\n  load_size: 286\n  crop_size: 256\n")
+        datasets.copy_images(args.source, project / "data" / "raw" / "horse2zebra")
         for workers in (1, 0):
-            elapsed, n, used = bench_prepare(cfg, raw_root, tmp / f"run{workers}", workers)
+            elapsed, n, used = bench_prepare(project, workers)
             rows.append((f"prepare 286/256, {used} process{'es' * (used > 1)}", f"{n} images",
                          f"{n / elapsed:.1f} images/s", f"{elapsed:.1f} s"))
-        prepared = tmp / "run0" / "prepared" / "horse2zebra"
+        prepared = project / "data" / "prepared" / "horse2zebra"
         for w, threads in [(w, 0) for w in args.loader_workers] + [(0, 1)]:
             rate = bench_loader(prepared, args.items, w, threads)
             what = f"train loader, batch 1, num_workers={w}" + (f", torch threads={threads}" if threads else "")

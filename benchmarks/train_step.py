@@ -6,7 +6,8 @@ Each size runs in its own process, so the peak memory of one size is not the hig
 of a previous one. CPU peak memory is the process's maximum resident set (it includes ~0.3 GB of
 interpreter and libraries, shown apart as "base"); CUDA peak memory is
 torch.cuda.max_memory_allocated. Inputs are random images; the step is the one `cyclegan train`
-runs (cyclegan.stages.train.CycleGAN.train_step), with the pools and optimizers it uses.
+runs (cyclegan.model.CycleGAN.train_step, set up by the train stage's build_model), with the pools
+and optimizers it uses.
 
 Reference, the authors' code on a 2-core CPU (2 threads, resnet_9blocks, ngf 64, batch 1):
 0.96 s/iter at 64 px, 2.77 at 128, 10.09 at 256. On a shared machine absolute timings move with
@@ -32,10 +33,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU")
-    p.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
-                   help="train.winograd: CPU fp32 ResNet-block convolutions as Winograd F(4x4, 3x3)")
-    p.add_argument("--no-tuned-malloc", action="store_true",
-                   help="leave glibc's malloc thresholds at their defaults (cyclegan train raises them on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     p.add_argument("--netG", default="resnet_9blocks")
@@ -64,26 +61,23 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
     import torch
 
     from cyclegan.config import config_from_dict
-    from cyclegan.device import keep_freed_memory
+    from cyclegan.distributed import Distributed
     from cyclegan.errors import UserError
-    from cyclegan.models import use_winograd
-    from cyclegan.stages.train import CycleGAN
+    from cyclegan.model import CycleGAN
+    from cyclegan.runtime import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cpu" and not args.no_tuned_malloc:
-        keep_freed_memory()  # as `cyclegan train` does on CPU
     base_rss = max_rss_mib()
     try:
         cfg = config_from_dict({
             "data": {"load_size": size, "crop_size": size},
             "model": {"netG": args.netG, "netD": args.netD, "ngf": args.ngf, "ndf": args.ndf, "norm": args.norm},
             "train": {"batch_size": args.batch_size, "device": args.device, "precision": args.precision,
-                      "compile": args.compile, "channels_last": args.channels_last,
-                      "winograd": args.winograd},
+                      "compile": args.compile, "channels_last": args.channels_last},
         })
         device = torch.device(args.device)
-        model = CycleGAN(cfg, device)
+        model = build_model(cfg, device, Distributed())
     except UserError as e:
         return {"size": size, "error": str(e)}
     cuda = device.type == "cuda"
@@ -91,10 +85,7 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
         model.batch_generators = model.batch_discriminators = False
     baseline = None
     if args.authors_baseline:
-        baseline = CycleGAN(cfg, device)
-        baseline.bf16 = False  # the authors' code has no mixed precision, nor Winograd
-        use_winograd(baseline.nets["G_A"], False)
-        use_winograd(baseline.nets["G_B"], False)
+        baseline = CycleGAN(cfg, device)  # fp32, no channels_last, no compile: the authors' code has none
         baseline.batch_generators = baseline.batch_discriminators = False
         for opt in (baseline.opt_G, baseline.opt_D):
             for group in opt.param_groups:
@@ -149,7 +140,7 @@ def main() -> None:
         return
     load = os.getloadavg()
     print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
-          f"threads {args.threads or 'default'}, precision {args.precision}, winograd {args.winograd}, compile {args.compile}, "
+          f"threads {args.threads or 'default'}, precision {args.precision}, compile {args.compile}, "
           f"channels_last {args.channels_last}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {os.cpu_count()} cores")
     baseline = "  authors-style s/iter" if args.authors_baseline else ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from argparse import Namespace
@@ -17,9 +16,11 @@ import yaml
 from PIL import Image
 
 from cyclegan import tracking
+from cyclegan.comparison import Comparison, load_dvc, load_mlflow, parse_dvc_exp_show, plot_png, select, to_markdown
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import compare
+from helpers import GIT_DVC_ENV, run
 
 # A stand-in for train + evaluate: metrics that depend on the params, in the pipeline's files.
 STAGE_SCRIPT = """\
@@ -34,11 +35,7 @@ json.dump({"steps": 4, "identity_weight_effective": p["lambda_cycle"] * lam}, op
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{' '.join(cmd)}:\n{out.stdout}\n{out.stderr}"
-    return out.stdout
+    return run(cmd, cwd, {**os.environ, **GIT_DVC_ENV}, timeout=300).stdout
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -80,7 +77,7 @@ def exp_show(dvc_repo) -> list:
 
 
 def test_parse_dvc_exp_show(exp_show):
-    df = compare.parse_dvc_exp_show(exp_show)
+    df = parse_dvc_exp_show(exp_show)
     by_name = df.set_index("experiment")
     # The queued experiment has no results; the workspace repeats idt-1 (the last run) and goes.
     assert set(by_name.index) == {"master", "idt-0", "idt-1"}
@@ -101,14 +98,14 @@ def test_metric_never_hides_a_param():
            "data": {"params": {"params.yaml": {"data": {"steps": 5}}, "extra.yaml": {"data": {"k": 1}}},
                     "metrics": {"metrics/train.json": {"data": {"steps": 4}},
                                 "metrics/eval.json": {"error": {"type": "FileNotFoundError"}}}}}
-    df = compare.parse_dvc_exp_show([{**rev, "experiments": None}])
+    df = parse_dvc_exp_show([{**rev, "experiments": None}])
     row = df.iloc[0]
     assert row["steps"] == 5 and row["metrics/train.json:steps"] == 4 and row["extra.yaml:k"] == 1
     assert row["id"] == "a" * 7
 
 
 def test_select_sorts_by_param_and_keeps_varying_params(dvc_repo):
-    comparison = compare.select(compare.load_dvc(dvc_repo))
+    comparison = select(load_dvc(dvc_repo))
     table = comparison.table
     assert list(table["experiment"]) == ["idt-0", "idt-1"]  # master has no metrics
     assert comparison.metrics == ["fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A"]
@@ -119,18 +116,18 @@ def test_select_sorts_by_param_and_keeps_varying_params(dvc_repo):
 
 
 def test_select_errors_name_what_exists(dvc_repo):
-    df = compare.load_dvc(dvc_repo)
+    df = load_dvc(dvc_repo)
     with pytest.raises(UserError, match=r"--param lambda_idt: no experiment has it; known columns: .*lambda_identity"):
-        compare.select(df, "lambda_idt")
+        select(df, "lambda_idt")
     with pytest.raises(UserError, match=r"--metric fid: no experiment has it"):
-        compare.select(df, "lambda_identity", ["fid"])
+        select(df, "lambda_identity", ["fid"])
     with pytest.raises(UserError, match="no finished experiments"):
-        compare.select(pd.DataFrame())
+        select(pd.DataFrame())
 
 
 def test_load_dvc_outside_a_repo(tmp_path):
     with pytest.raises(UserError, match="dvc exp show --json` failed"):
-        compare.load_dvc(tmp_path)
+        load_dvc(tmp_path)
 
 
 def test_main_writes_csv_markdown_and_plot(dvc_repo, monkeypatch, capsys):
@@ -151,15 +148,13 @@ def test_main_writes_csv_markdown_and_plot(dvc_repo, monkeypatch, capsys):
 def test_plot_of_a_string_param():
     table = pd.DataFrame({"experiment": ["a", "b", "c"], "id": ["1", "2", "3"],
                           "model.netG": ["unet_128", "resnet_6blocks", "unet_128"], "fid_A2B": [3.0, 2.0, 4.0]})
-    png = compare.plot_png(compare.Comparison(table, "model.netG", ["fid_A2B"]))
+    png = plot_png(Comparison(table, "model.netG", ["fid_A2B"]))
     assert png.startswith(b"\x89PNG")
 
 
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(project):
     """Three finished runs as train + evaluate log them, one failed run, one still running."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ids = {}
     for lam, fid in ((1.0, 80.0), (0.0, 95.5), (0.5, 88.25)):
         cfg = config_from_dict({"lambda_identity": lam})
@@ -179,25 +174,25 @@ def mlflow_store(tmp_path, monkeypatch):
 
 def test_load_mlflow(mlflow_store):
     ids, running = mlflow_store
-    df = compare.load_mlflow()
+    df = load_mlflow()
     assert sorted(df["id"]) == sorted(i[:8] for i in ids.values())
     # Params come back typed, as params.yaml has them; identity_weight_effective is train's param.
     row = df.set_index("id").loc[ids[0.5][:8]]
     assert row["lambda_identity"] == 0.5 and row["model.ngf"] == 64 and row["identity_weight_effective"] == 5.0
     assert row["fid_A2B"] == 88.25
 
-    comparison = compare.select(df)
+    comparison = select(df)
     assert list(comparison.table["lambda_identity"]) == [0.0, 0.5, 1.0]
     assert list(comparison.table["fid_A2B"]) == [95.5, 88.25, 80.0]
     assert "identity_weight_effective" in comparison.table.columns
 
-    with_running = compare.load_mlflow(include=[running])
+    with_running = load_mlflow(include=[running])
     assert running[:8] in set(with_running["id"]) and len(with_running) == 4
 
 
-def test_main_from_mlflow(mlflow_store, tmp_path, capsys):
+def test_main_from_mlflow(mlflow_store, project, capsys):
     compare.main(None, Namespace(param="lambda_identity", metrics=None, source="mlflow"))
-    table = pd.read_csv(tmp_path / "reports/compare.csv")
+    table = pd.read_csv(project / "reports/compare.csv")
     assert list(table["fid_A2B"]) == [95.5, 88.25, 80.0]
     assert "3 experiments from mlflow" in capsys.readouterr().err
 
@@ -205,10 +200,10 @@ def test_main_from_mlflow(mlflow_store, tmp_path, capsys):
 def test_missing_mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
     with pytest.raises(UserError, match="no MLflow store"):
-        compare.load_mlflow()
+        load_mlflow()
     assert not (tmp_path / "none.db").exists()
 
 
 def test_markdown_escapes_pipes_and_formats_floats():
     table = pd.DataFrame({"experiment": ["a|b"], "fid": [1.23456789], "missing": [float("nan")]})
-    assert compare.to_markdown(table).splitlines()[2] == "| a\\|b | 1.23457 |  |"
+    assert to_markdown(table).splitlines()[2] == "| a\\|b | 1.23457 |  |"

@@ -8,7 +8,6 @@ steps compared here. Equal up to float rounding, then: the all-reduce sums in an
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,20 +22,23 @@ from torch.utils.data import DataLoader
 from cyclegan import paths
 from cyclegan.config import config_from_dict
 from cyclegan.data import PositionSampler, UnpairedTrainSet
-from cyclegan.stages.train import LOSS_TERMS, CycleGAN
-from test_train import (assert_same_gradients, generator_weights, make_project, merge, read_losses,
-                        record_gradients, run_train, set_params)
+from cyclegan.distributed import Distributed
+from cyclegan.model import LOSS_TERMS, CycleGAN
+from cyclegan.runtime import build_model
+from helpers import (assert_same_gradients, enter_project, generator_weights, make_project, merge, project_env,
+                     read_losses, record_gradients, run_train, set_params)
 
 # Compared steps: from the third, rounding differences grow past 1e-4 (see the torchrun test).
 STEPS = 2
 
 
 def train_steps(params: dict, data: Path, rank: int, world: int, batch: int) -> tuple[list, list, CycleGAN]:
-    """STEPS steps of CycleGAN.train_step on this rank's share of epoch 0; the losses of the global
-    batch and the gradients each optimizer step applied."""
+    """STEPS steps of CycleGAN.train_step on this rank's share of epoch 0, the model built as `train`
+    builds it (DDP-wrapped with world > 1); the losses of the global batch and the gradients each
+    optimizer step applied."""
     cfg = config_from_dict(params)
     torch.manual_seed(cfg.seed + rank)
-    model = CycleGAN(cfg, torch.device("cpu"), rank, world)
+    model = build_model(cfg, torch.device("cpu"), Distributed(rank, world))
     grads = record_gradients(model.opt_G, model.opt_D)
     dataset = UnpairedTrainSet(np.load(data / "trainA.npy"), np.load(data / "trainB.npy"),
                                cfg.data.crop_size, not cfg.data.no_flip, cfg.seed)
@@ -82,16 +84,15 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path):
 
 
 def torchrun(root: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", "-m", "cyclegan", "train"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=root, env=project_env(root), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypatch):
     # 13 A images: an epoch of 13 positions, of which 2 ranks take 12 (6 steps) and none hangs.
-    monkeypatch.chdir(tmp_path)
+    enter_project(monkeypatch, tmp_path)
     params = make_project(tmp_path, n_a=13, **{"train": {"max_steps": 7, "checkpoint_every": 4}})
     first = torchrun(tmp_path)
     assert first.returncode == 0, first.stderr
@@ -124,8 +125,7 @@ def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypa
     # are compared: from the third, rounding differences have grown to 1e-4 and keep growing
     # (20% by step 6), as two GAN trainings that differ in the last bit diverge.
     (tmp_path / "single").mkdir()
-    monkeypatch.chdir(tmp_path / "single")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'single' / 'mlflow.db'}")
+    enter_project(monkeypatch, tmp_path / "single")
     make_project(tmp_path / "single", n_a=13, train={"batch_size": 2, "max_steps": 2})
     run_train()
     single = read_losses()

@@ -14,23 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cyclegan import paths
+from cyclegan import fid_kid, paths
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import evaluate as ev
 from cyclegan.toy_dataset import render_scene
+from helpers import write_prepared
 
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The session's weights cache (shared with test_inception.py), no torch hub file."""
-    base = tmp_path_factory.getbasetemp()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CYCLEGAN_CACHE", str(base / "cyclegan-cache"))
-        mp.setenv("TORCH_HOME", str(base / "torch-home-empty"))
-        yield base / "cyclegan-cache"
 
 
 def cfg(**eval_overrides):
@@ -53,26 +44,22 @@ def toy_test_sets(n: int, seed: int) -> dict[str, np.ndarray]:
 
 def write_project(root: Path, sets: dict[str, np.ndarray], a2b: np.ndarray | None, b2a: np.ndarray | None):
     """data/prepared/toy_horse2zebra in the prepare stage's format, and translations as translate writes them."""
-    prepared = root / paths.PREPARED / "toy_horse2zebra"
-    prepared.mkdir(parents=True)
     names = [f"{i:05d}.png" for i in range(len(sets["testA"]))]
-    for split, array in sets.items():
-        np.save(prepared / f"{split}.npy", array)
-    (prepared / "manifest.json").write_text(json.dumps({"files": {"testA": names, "testB": names}}))
+    write_prepared(root, sets, {"testA": names, "testB": names})
     for direction, fakes in (("A2B", a2b), ("B2A", b2a)):
         if fakes is None:
             continue
         folder = root / paths.TRANSLATED / direction
         folder.mkdir(parents=True)
         for name, fake in zip(names, fakes):
-            Image.fromarray(fake).save(folder / name)
+            Image.fromarray(fake).save(folder / paths.translated_name(name))
 
 
 def test_kid_subset_size_rule():
-    assert ev.kid_subset_size(6, 9) == 6
-    assert ev.kid_subset_size(5000, 1200) == 1000
+    assert fid_kid.kid_subset_size(6, 9) == 6
+    assert fid_kid.kid_subset_size(5000, 1200) == 1000
     with pytest.raises(UserError, match="at least 2"):
-        ev.kid_subset_size(1, 10)
+        fid_kid.kid_subset_size(1, 10)
 
 
 @pytest.mark.parametrize("n1,n2", [(12, 20), (150, 130)])
@@ -92,18 +79,18 @@ def test_frechet_distance_equals_torch_fidelity(n1, n2):
                                          fid_features_to_statistics(torch.from_numpy(f2)), False)
     # rel 1e-6: torch-fidelity takes the mean in float32 (np.mean of float32 features), we in
     # float64; measured differences are ~4e-8 relative.
-    assert ev.frechet_distance(f1, f2) == pytest.approx(reference["frechet_inception_distance"], rel=1e-6)
-    assert ev.frechet_distance(f1, f1) == pytest.approx(0, abs=1e-9)
+    assert fid_kid.frechet_distance(f1, f2) == pytest.approx(reference["frechet_inception_distance"], rel=1e-6)
+    assert fid_kid.frechet_distance(f1, f1) == pytest.approx(0, abs=1e-9)
 
 
-def test_fid_kid_of_arrays(cache):
+def test_fid_kid_of_arrays(inception_cache):
     sets = toy_test_sets(8, seed=11)
     real = sets["testB"]
     config = cfg()
-    same = ev.fid_kid(real.copy(), real, config)
+    same = fid_kid.fid_kid(real.copy(), real, config)
     # Colour-inverted: a clearly different distribution (milder shifts are lost in KID's noise at
     # 8 images).
-    shifted = ev.fid_kid(255 - real, real, config)
+    shifted = fid_kid.fid_kid(255 - real, real, config)
 
     for scores in (same, shifted):
         assert all(math.isfinite(v) for v in scores.values())
@@ -115,7 +102,7 @@ def test_fid_kid_of_arrays(cache):
     # enters only the cross term); the inverted set scores ~0.085.
     assert shifted["kid"] > 0 and shifted["kid"] > same["kid"] + 0.05
 
-    scorer = ev._scorer(config.eval.inception_weights, config.eval.device, config.eval.batch_size)
+    scorer = fid_kid._scorer(config.eval.inception_weights, config.eval.device, config.eval.batch_size)
     cached = scorer.cache_root / f"{scorer.cache_name(real)}-inception-v3-compat-features-2048.pt"
     assert cached.is_file()
     # Two calls, each extracting its 8 fakes; the real set went through the network once.
@@ -138,23 +125,21 @@ def test_ground_truth_errors_on_a_hand_made_case():
     assert ev.ground_truth_errors(inputs, half, targets)["translation"]["l1_object"] == pytest.approx(0.8)
 
 
-def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(cache, tmp_path, monkeypatch):
+def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_cache, project):
     import mlflow
 
     n = 5
     sets = toy_test_sets(n, seed=7)
     # A2B "translates" by copying its input; B2A returns the exact targets.
-    write_project(tmp_path, sets, a2b=sets["testA"], b2a=sets["testB_target"])
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_project(project, sets, a2b=sets["testA"], b2a=sets["testB_target"])
     config = cfg()
 
-    first = ev.InceptionScorer.from_config(config)
+    first = fid_kid.InceptionScorer.from_config(config)
     result = ev.evaluate(config, first)
     ev.log_to_mlflow(config, result)
     assert first.images_extracted == 4 * n  # two real sets, two translated sets
 
-    written = json.loads((tmp_path / paths.EVAL_METRICS).read_text())
+    written = json.loads((project / paths.EVAL_METRICS).read_text())
     assert written == result
     flat = {k: v for k, v in result.items() if k != "protocol"}
     for key in ("fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A", "fid_baseline",
@@ -192,26 +177,25 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(cache, tmp
     cached = [first.cache_root / f"{first.cache_name(sets[s])}-inception-v3-compat-features-2048.pt"
               for s in ("testA", "testB")]
     mtimes = [p.stat().st_mtime_ns for p in cached]
-    second = ev.InceptionScorer.from_config(config)
+    second = fid_kid.InceptionScorer.from_config(config)
     again = ev.evaluate(config, second)
     assert second.images_extracted == 2 * n
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
     assert again == result
 
 
-def test_missing_inputs_are_one_line_errors(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_missing_inputs_are_one_line_errors(project):
     config = cfg()
     manifest = paths.PREPARED / "toy_horse2zebra" / "manifest.json"
     with pytest.raises(UserError, match=re.escape(str(manifest)) + ".*dvc repro"):
         ev.evaluate(config)
 
     sets = toy_test_sets(3, seed=5)
-    write_project(tmp_path, sets, a2b=None, b2a=None)
+    write_project(project, sets, a2b=None, b2a=None)
     with pytest.raises(UserError, match=re.escape(str(paths.TRANSLATED / "A2B")) + ".*dvc repro translate"):
         ev.evaluate(config)
 
-    a2b_folder = tmp_path / paths.TRANSLATED / "A2B"
+    a2b_folder = project / paths.TRANSLATED / "A2B"
     a2b_folder.mkdir(parents=True)
     Image.fromarray(sets["testA"][0]).save(a2b_folder / "00000.png")
     with pytest.raises(UserError, match=r"00001\.png: missing \(2 of 3 translations\).*dvc repro"):

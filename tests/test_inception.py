@@ -23,16 +23,6 @@ from cyclegan import inception
 from cyclegan.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One weights cache for the session (test_evaluate.py uses the same folder), no torch hub file."""
-    base = tmp_path_factory.getbasetemp()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CYCLEGAN_CACHE", str(base / "cyclegan-cache"))
-        mp.setenv("TORCH_HOME", str(base / "torch-home-empty"))
-        yield base / "cyclegan-cache"
-
-
 def _fid_helper_input_range() -> tuple[float, float]:
     """INPUT_RANGE_TF, FidHelper's default model input range, read from the package source.
 
@@ -46,7 +36,7 @@ def _fid_helper_input_range() -> tuple[float, float]:
     raise AssertionError(f"{source}: INPUT_RANGE_TF not found")
 
 
-def test_converted_weights_reproduce_torchscript_features(cache):
+def test_converted_weights_reproduce_torchscript_features(inception_cache):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     weights = inception.resolve("auto")
@@ -74,7 +64,7 @@ def test_converted_weights_reproduce_torchscript_features(cache):
     assert max_diff < 1e-4
 
 
-def test_converted_file_is_reused_and_rebuilt_when_corrupt(cache, tmp_path, monkeypatch):
+def test_converted_file_is_reused_and_rebuilt_when_corrupt(inception_cache, tmp_path, monkeypatch):
     first = inception.resolve("auto")
     mtime = first.path.stat().st_mtime_ns
     again = inception.resolve("auto")
@@ -99,7 +89,7 @@ def test_converted_file_is_reused_and_rebuilt_when_corrupt(cache, tmp_path, monk
     assert rebuilt.sha256 == first.sha256 == inception.sha256_file(rebuilt.path)
 
 
-def test_converted_weights_refuse_layers_beyond_the_pool(cache):
+def test_converted_weights_refuse_layers_beyond_the_pool(inception_cache):
     weights = inception.resolve("auto")
     kwargs = weights.fidelity_kwargs()
     assert kwargs["feature_extractor_weights_path"] == str(weights.path)
@@ -120,7 +110,7 @@ def test_a_missing_path_is_one_clear_error(tmp_path):
         inception.resolve(str(missing))
 
 
-def test_auto_prefers_torch_fidelity_own_file(cache, tmp_path, monkeypatch):
+def test_auto_prefers_torch_fidelity_own_file(inception_cache, tmp_path, monkeypatch):
     converted = inception.resolve("auto")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     official = inception.torch_fidelity_weights_path()

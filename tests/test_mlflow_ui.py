@@ -30,6 +30,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import GIT_DVC_ENV, TINY, merge, run
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,22 +39,18 @@ SCREENSHOT = ROOT / "docs" / "mlflow_compare.png"
 LAMBDAS = (0.0, 0.5, 1.0)
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 CHROMEDRIVER = shutil.which("chromedriver")
-TINY = {
+# TINY over the project's params.yaml.
+PARAMS = merge(TINY, {
     "data": {"toy": {"image_size": 32, "n_train_a": 16, "n_train_b": 16, "n_test": 8}},
-    "model": {"ngf": 8, "ndf": 8},
-    "train": {"n_epochs": 1, "n_epochs_decay": 1, "max_steps": 0, "log_every": 4, "device": "cpu", "threads": 1},
+    "train": {"max_steps": 0, "log_every": 4, "device": "cpu"},
     "eval": {"batch_size": 8, "device": "cpu", "n_samples": 3},
-}
+})
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _merge(base: dict, override: dict) -> dict:
-    return {**base, **{k: _merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in override.items()}}
 
 
 def _wait(condition, timeout: float, what: str, poll: float = 1.0):
@@ -65,10 +63,8 @@ def _wait(condition, timeout: float, what: str, poll: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    return run(cmd, cwd, env, timeout=300).stdout
 
 
 @contextmanager
@@ -136,7 +132,7 @@ def dvc_project(tmp: Path, env: dict[str, str]) -> Path:
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, PARAMS), sort_keys=False))
     # dvc.yaml lists the stage sources as deps; the installed package is what runs.
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     _run(["git", "init", "-q"], repo, env)
@@ -191,12 +187,10 @@ def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": server_url,
         "OMP_NUM_THREADS": "1",
-        "DVC_NO_ANALYTICS": "1",
-        # The converted Inception weights are built once per test session (see test_evaluate.py).
+        # The converted Inception weights are built once per test session (conftest.inception_cache).
         "CYCLEGAN_CACHE": str(tmp_path_factory.getbasetemp() / "cyclegan-cache"),
         "TORCH_HOME": str(tmp_path / "torch-home-empty"),
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+        **GIT_DVC_ENV,
     }
     server = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -10,8 +10,9 @@ from torch import nn
 
 from cyclegan.config import ConfigError, ModelConfig, config_from_dict
 from cyclegan.losses import GANLoss, ImagePool, gradient_penalty
-from cyclegan.models import build_discriminator, build_generator, build_networks
-from cyclegan.stages.train import CycleGAN, DeterministicReflectionPad2d, lr_factor
+from cyclegan.model import CycleGAN, lr_factor
+from cyclegan.networks import (DeterministicReflectionPad2d, build_discriminator, build_generator, build_networks,
+                               use_deterministic_padding)
 
 
 def n_params(net: nn.Module) -> int:
@@ -85,6 +86,19 @@ def test_deterministic_reflection_pad_equals_reflection_pad(padding):
     grad_ours, = torch.autograd.grad((ours(x) * weight).sum(), x)
     assert torch.equal(ours(x), reference(x))
     torch.testing.assert_close(grad_ours, grad_ref)
+
+
+def test_deterministic_padding_replaces_every_reflection_pad_and_keeps_the_output():
+    G = build_generator(ModelConfig(netG="resnet_6blocks", ngf=4))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = G(x)
+    n_pads = sum(isinstance(m, nn.ReflectionPad2d) for m in G.modules())
+    use_deterministic_padding(G)
+    assert not any(isinstance(m, nn.ReflectionPad2d) for m in G.modules())
+    assert sum(isinstance(m, DeterministicReflectionPad2d) for m in G.modules()) == n_pads == 2 + 2 * 6
+    with torch.no_grad():
+        assert torch.equal(G(x), expected)
 
 
 # --- losses and pool ------------------------------------------------------------------------------
@@ -196,6 +210,7 @@ def test_schedulers_step_per_epoch():
     ({"model": {"n_layers_D": 4}}, "model.n_layers_D"),
     ({"train": {"precision": "fp16"}}, "train.precision"),
     ({"train": {"amp": True}}, "train.amp"),  # renamed: the message names its successor
+    ({"train": {"winograd": True}}, "train.winograd"),  # removed: the message says so
 ])
 def test_bad_params_fail_with_one_line_naming_the_key(raw, key):
     with pytest.raises(ConfigError) as e:
@@ -205,6 +220,8 @@ def test_bad_params_fail_with_one_line_naming_the_key(raw, key):
     assert "\n" not in message
     if key == "train.amp":
         assert "'train.precision'" in message
+    if key == "train.winograd":
+        assert "is no longer a param" in message and "delete it" in message
 
 
 @pytest.mark.parametrize("raw", [

@@ -14,42 +14,29 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import GIT_DVC_ENV, TINY, merge, run
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
-# The smallest params that still run every stage for real.
-TINY = {
+# The smallest params that still run every stage for real: TINY over the project's params.yaml.
+PARAMS = merge(TINY, {
     "data": {"toy": {"image_size": 32, "n_train_a": 24, "n_train_b": 24, "n_test": 6}},
-    "model": {"ngf": 8, "ndf": 8},
-    "train": {"n_epochs": 1, "n_epochs_decay": 1, "log_every": 4, "checkpoint_every": 8, "threads": 1},
+    "train": {"log_every": 4, "checkpoint_every": 8},
     "eval": {"batch_size": 6, "n_samples": 2},
-}
+})
 
 
-def deep_update(d: dict, u: dict) -> dict:
-    for k, v in u.items():
-        d[k] = deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
-    return d
-
-
-def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def make_project(dest: Path, overrides: dict) -> tuple[Path, dict]:
+def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     """A fresh git + DVC repo holding this project's pipeline files and source, with `overrides`."""
     dest.mkdir(parents=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(ROOT / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    params = deep_update(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
+    params = merge(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store at the project root is under test
     run(["git", "init", "-q"], dest, env)
     run(["git", "add", "-A"], dest, env)
@@ -76,8 +63,8 @@ def results(project: Path) -> tuple[dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    """One uninterrupted `dvc repro` of TINY: the project, its env, and its results."""
-    project, env = make_project(tmp_path_factory.mktemp("repro") / "project", TINY)
+    """One uninterrupted `dvc repro` of PARAMS: the project, its env, and its results."""
+    project, env = pipeline_repo(tmp_path_factory.mktemp("repro") / "project", PARAMS)
     run([str(VENV_BIN / "dvc"), "repro"], project, env)
     return project, env, results(project)
 
@@ -125,7 +112,7 @@ def test_repro_then_experiment(reproduced):
 
 @pytest.mark.slow
 def test_repro_killed_mid_training_then_rerun_ends_with_the_same_metrics(tmp_path, reproduced):
-    project, env = make_project(tmp_path / "project", TINY)
+    project, env = pipeline_repo(tmp_path / "project", PARAMS)
     checkpoints = project / "models/checkpoints"
     dvc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=project, env=env, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

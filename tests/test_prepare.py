@@ -117,10 +117,10 @@ def write_raw(root: Path, bad: dict | None = None, convertible: dict | None = No
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)  # bomb.png (1.44 MP) is over it
-    return tmp_path
+def project(project, monkeypatch) -> Path:
+    """conftest's project, with a pixel limit that bomb.png (1.44 MP) is over."""
+    monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)
+    return project
 
 
 def test_skip_lists_every_bad_file_with_its_reason(project):

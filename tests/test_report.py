@@ -1,5 +1,5 @@
-"""`cyclegan report` on a small but real project: toy test images, generators saved by `train`'s
-own save_generator, metrics files in the stages' formats and a real MLflow sqlite store holding
+"""`cyclegan report` on a small but real project: toy test images, generators saved by the
+save_generator `train` uses, metrics files in the stages' formats and a real MLflow sqlite store holding
 this run (with per-epoch FID/KID) and a second run to compare with.
 """
 from __future__ import annotations
@@ -20,10 +20,12 @@ from cyclegan import cli, paths, tracking
 from cyclegan.config import config_from_dict
 from cyclegan.data import to_tensor, to_uint8
 from cyclegan.errors import UserError
-from cyclegan.models import build_networks
+from cyclegan.generators import load_generator, save_generator
+from cyclegan.model import LOSS_TERMS
+from cyclegan.networks import build_networks
 from cyclegan.stages import report
-from cyclegan.stages.train import LOSS_TERMS, save_generator
 from cyclegan.toy_dataset import render_scene
+from helpers import enter_project, set_params, write_prepared
 
 SIZE = 32
 N_TEST = 5
@@ -50,8 +52,6 @@ TRAIN = {"steps": 8, "epochs": 2, "device": "cpu", "identity_weight_effective": 
 
 def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarray]:
     """Every file the report stage reads, in the formats the other stages write."""
-    prepared = root / paths.PREPARED / "toy_horse2zebra"
-    prepared.mkdir(parents=True)
     sets = {"testA": [], "testB": []}
     for i in range(N_TEST):
         a, b = render_scene(np.random.default_rng([7, i]), SIZE)
@@ -59,13 +59,11 @@ def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarr
         sets["testB"].append(b)
     sets = {k: np.stack(v) for k, v in sets.items()}
     names = [f"{i:03d}.png" for i in range(N_TEST)]
-    for split, array in sets.items():
-        np.save(prepared / f"{split}.npy", array)
-    (prepared / "manifest.json").write_text(json.dumps({"files": {"testA": names, "testB": names}}))
+    write_prepared(root, sets, {"testA": names, "testB": names})
 
     nets = build_networks(cfg.model, seed=3)
-    save_generator(nets["G_A"], cfg, "A2B", root / paths.MODELS / "G_A.pt")
-    save_generator(nets["G_B"], cfg, "B2A", root / paths.MODELS / "G_B.pt")
+    save_generator(nets["G_A"], cfg.model, "A2B", root / paths.MODELS / "G_A.pt")
+    save_generator(nets["G_B"], cfg.model, "B2A", root / paths.MODELS / "G_B.pt")
 
     (root / paths.METRICS).mkdir()
     (root / paths.TRAIN_METRICS).write_text(json.dumps(TRAIN))
@@ -112,8 +110,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     cfg = config_from_dict(PARAMS)
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        enter_project(mp, root)
         sets = write_inputs(root, cfg)
         run_id = start_run(cfg, fid_history=True)
         other_run(0.0, 111.0)
@@ -178,8 +175,6 @@ def test_sample_grid_rows(built):
     pad, tile = 2, SIZE + 2
     assert grid.shape == (pad + 4 * tile, pad + N_SAMPLES * tile, 3)
 
-    from cyclegan.stages.translate import load_generator
-
     G_A = load_generator(root / paths.MODELS / "G_A.pt", torch.device("cpu"))
     G_B = load_generator(root / paths.MODELS / "G_B.pt", torch.device("cpu"))
     with torch.no_grad():
@@ -203,21 +198,19 @@ def test_pngs_written_and_logged(built):
                      "samples_B2A.png"}
 
 
-def test_optional_sections_are_skipped(tmp_path, monkeypatch):
+def test_optional_sections_are_skipped(project):
     """No preview, no per-epoch scores, a single run: the page still builds, without those parts."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = config_from_dict(PARAMS)
-    write_inputs(tmp_path, cfg, preview=False)
+    write_inputs(project, cfg, preview=False)
     start_run(cfg, fid_history=False)
     report.EPOCH_PNG.parent.mkdir(exist_ok=True)
     report.EPOCH_PNG.write_bytes(b"left by an earlier report")
     report.main(cfg)
-    page = (tmp_path / report.REPORT).read_text()
+    page = (project / report.REPORT).read_text()
     assert '<section id="per-epoch">' not in page and '<section id="experiments">' not in page
     assert f"No {paths.DATASET_PREVIEW}" in page
     assert ">123.5<" in page
-    assert not (tmp_path / report.EPOCH_PNG).exists()  # a stale figure does not outlive its section
+    assert not (project / report.EPOCH_PNG).exists()  # a stale figure does not outlive its section
 
 
 @pytest.mark.parametrize("missing,stage", [
@@ -226,21 +219,18 @@ def test_optional_sections_are_skipped(tmp_path, monkeypatch):
     (paths.TRAIN_LOSSES, "train"),
     (paths.PREPARED / "toy_horse2zebra" / "testA.npy", "prepare"),
 ])
-def test_missing_input_is_one_line(tmp_path, monkeypatch, capsys, missing, stage):
-    monkeypatch.chdir(tmp_path)
+def test_missing_input_is_one_line(project, capsys, missing, stage):
     cfg = config_from_dict(PARAMS)
-    write_inputs(tmp_path, cfg)
+    write_inputs(project, cfg)
     paths.MLFLOW_RUN.write_text(json.dumps({"run_id": "0" * 32}))
-    (tmp_path / missing).unlink()
+    (project / missing).unlink()
     with pytest.raises(UserError) as err:
         report.build(cfg)
     message = str(err.value)
     assert "\n" not in message and str(missing) in message and f"dvc repro {stage}" in message
 
     # The CLI prints it as one line and exits 2; nothing was written.
-    import yaml
-
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    set_params(project, PARAMS)
     assert cli.main(["report"]) == 2
     assert capsys.readouterr().err.strip() == f"cyclegan report: error: {message}"
-    assert not (tmp_path / report.REPORT).exists()
+    assert not (project / report.REPORT).exists()

@@ -5,7 +5,6 @@ columns aside) and torch.equal generator weights.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,8 +16,8 @@ import pytest
 import torch
 
 from cyclegan import checkpoint, paths
-from test_train import (generator_weights, make_project, merge, mlflow_client, read_losses, run_id,
-                        run_train, set_params)
+from helpers import (generator_weights, make_project, merge, mlflow_client, project_env, read_losses, run_id,
+                     run_train, set_params)
 
 # 2 epochs of 12 steps; checkpoints every 3 steps, the last 2 kept.
 PARAMS = {"train": {"checkpoint_every": 3}}
@@ -40,22 +39,14 @@ def assert_same_run(got, expected) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference: one run from start to end, in this process."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        make_project(root, **PARAMS)
-        run_train()
-    return outputs(root)
+def uninterrupted(trained):
+    """The reference: the session's run from start to end, in this process (conftest.trained).
 
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
+    It checkpoints every 4 steps, the runs here every 3: checkpoint_every is not part of the
+    fingerprint, and writing a checkpoint must not change the training either.
+    """
+    assert trained.exit_code == 0
+    return outputs(trained.root)
 
 
 def newest_step(root: Path) -> int:
@@ -63,13 +54,8 @@ def newest_step(root: Path) -> int:
     return int(checkpoint.PATTERN.search(found[-1].name).group(1)) if found else 0
 
 
-def run_id_in(root: Path) -> str:
-    return json.loads((root / paths.MLFLOW_RUN).read_text())["run_id"]
-
-
 def cyclegan_train(root: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    return subprocess.Popen([sys.executable, "-m", "cyclegan", "train", *args], cwd=root, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cyclegan", "train", *args], cwd=root, env=project_env(root),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -88,7 +74,7 @@ def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
     killed_at = newest_step(tmp_path)
     assert 6 <= killed_at < 24
     assert not (tmp_path / paths.MODELS / "G_A.pt").exists()
-    first_run = run_id_in(tmp_path)
+    first_run = run_id(tmp_path)
 
     proc = cyclegan_train(tmp_path)
     log, _ = proc.communicate(timeout=300)
@@ -96,14 +82,12 @@ def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
     assert f"resuming from {paths.CHECKPOINTS / f'step_{killed_at:09d}.pt'}" in log
     assert_same_run(outputs(tmp_path), uninterrupted)
 
-    assert run_id_in(tmp_path) == first_run  # the same MLflow run, reattached
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-        client = mlflow_client()
-        assert client.get_run(first_run).info.status == "FINISHED"
-        # Each step once: the steps logged before the kill and repeated after it are not logged twice.
-        steps = sorted(m.step for m in client.get_metric_history(first_run, "loss_G_A"))
-        assert steps == list(range(1, 25))
+    assert run_id(tmp_path) == first_run  # the same MLflow run, reattached
+    client = mlflow_client(tmp_path)
+    assert client.get_run(first_run).info.status == "FINISHED"
+    # Each step once: the steps logged before the kill and repeated after it are not logged twice.
+    steps = sorted(m.step for m in client.get_metric_history(first_run, "loss_G_A"))
+    assert steps == list(range(1, 25))
 
 
 def test_stopped_run_continues_exactly_and_keeps_its_mlflow_run(project, uninterrupted):

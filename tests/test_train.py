@@ -1,118 +1,33 @@
 """The training step against the authors' algorithm, and `cyclegan train` end to end on CPU.
 
-Projects are built in tmp: a few toy images in the prepared format of cyclegan.data, tiny
-networks (ngf 8) and 28 px crops, so a whole run takes seconds. `make_project` and
-`run_train` are shared with test_resume.py and test_ddp.py.
+Projects are built in tmp (helpers.make_project): a few toy images in the prepared format of
+cyclegan.data, tiny networks (ngf 8) and 28 px crops, so a whole run takes seconds.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
-import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from torch import nn
 
-from cyclegan import checkpoint, paths, toy_dataset
+from cyclegan import checkpoint, paths
 from cyclegan import device as device_module
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
-from cyclegan.data import MANIFEST
 from cyclegan.device import cpu_has_native_bf16
+from cyclegan.distributed import Distributed
 from cyclegan.errors import UserError
+from cyclegan.generators import load_generator
+from cyclegan.model import LOSS_TERMS, CycleGAN
+from cyclegan.runtime import build_model
 from cyclegan.stages import train
-from cyclegan.stages.train import LOSS_TERMS, TIMING_COLUMNS, CycleGAN
-
-TINY = {
-    "seed": 0,
-    "data": {"dataset": "toy_horse2zebra", "load_size": 32, "crop_size": 28},
-    "model": {"netG": "resnet_6blocks", "ngf": 8, "ndf": 8},
-    "train": {"n_epochs": 1, "n_epochs_decay": 1, "log_every": 1, "checkpoint_every": 4,
-              "device": "cpu", "threads": 1},
-    "eval": {"n_samples": 2, "device": "cpu"},
-}
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in overrides.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def make_project(root: Path, n_a: int = 12, n_b: int = 10, n_test: int = 4, **overrides) -> dict:
-    """A project folder: params.yaml (TINY + overrides) and data/prepared/toy_horse2zebra.
-
-    As `prepare` stores them: training images at load_size, test images resized to crop_size.
-    """
-    params = merge(TINY, overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    load, crop = params["data"]["load_size"], params["data"]["crop_size"]
-    raw = root / "raw"
-    if not raw.exists():
-        toy_dataset.generate(raw, image_size=load, n_train_a=n_a, n_train_b=n_b, n_test=n_test, seed=2017)
-    prepared = root / paths.PREPARED / "toy_horse2zebra"
-    prepared.mkdir(parents=True, exist_ok=True)
-    files, digest = {}, hashlib.sha256()
-    for split in ("trainA", "trainB", "testA", "testB"):
-        names = sorted(p.name for p in (raw / split).iterdir())
-        size = load if split.startswith("train") else crop
-        arrays = [np.asarray(Image.open(raw / split / n).convert("RGB").resize((size, size), Image.BICUBIC))
-                  for n in names]
-        np.save(prepared / f"{split}.npy", np.stack(arrays))
-        files[split] = names
-        digest.update(split.encode() + np.stack(arrays).tobytes())
-    (prepared / MANIFEST).write_text(json.dumps({"files": files, "content_sha256": digest.hexdigest()}))
-    return params
-
-
-def set_params(root: Path, params: dict) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A tmp project as the working directory, with its own MLflow store."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
-
-
-def run_train(fresh: bool = False) -> None:
-    """`cyclegan train` in this process, in the current folder; a UserError comes out as is."""
-    cfg = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()))
-    train.main(cfg, argparse.Namespace(fresh=fresh))
-
-
-def read_losses(path: Path = paths.TRAIN_LOSSES) -> list[dict[str, str]]:
-    """The loss plot without its timing columns."""
-    with open(path) as f:
-        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
-
-
-def generator_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def mlflow_client():
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-
-
-def run_id() -> str:
-    return json.loads(paths.MLFLOW_RUN.read_text())["run_id"]
+from helpers import (TRAIN_PARAMS, assert_same_gradients, enter_project, make_project, merge, mlflow_client,
+                     read_losses, record_gradients, run_id, run_train, set_params)
 
 
 def images(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
@@ -120,8 +35,9 @@ def images(n: int, size: int = 28, seed: int = 0) -> torch.Tensor:
 
 
 def tiny_model(**overrides) -> CycleGAN:
+    """CycleGAN as `train` builds it from TRAIN_PARAMS + overrides, on CPU (bf16 from train.precision)."""
     torch.manual_seed(0)
-    return CycleGAN(config_from_dict(merge(TINY, overrides)), torch.device("cpu"))
+    return build_model(config_from_dict(merge(TRAIN_PARAMS, overrides)), torch.device("cpu"), Distributed())
 
 
 # --- the step ---------------------------------------------------------------------------------------
@@ -155,32 +71,6 @@ def authors_step(nets: dict[str, nn.Module], opt_G, opt_D, real_A, real_B, lam: 
     (losses["D_A"] + losses["D_B"]).backward()
     opt_D.step()
     return {k: v.detach() for k, v in losses.items()}
-
-
-def record_gradients(opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Copies of the gradients each optimizer step is about to apply, in order, appended per step."""
-    seen: list[torch.Tensor] = []
-    for opt in (opt_G, opt_D):
-        def step(*args, _opt=opt, _step=opt.step, **kwargs):
-            seen.extend(p.grad.clone() for group in _opt.param_groups for p in group["params"])
-            return _step(*args, **kwargs)
-        opt.step = step
-    return seen
-
-
-def assert_same_gradients(ours: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    """Equal up to float rounding: within 1% in norm, tensor by tensor.
-
-    Gradients, not weights: Adam divides by the gradient's size, so the rounding noise of a
-    gradient that is 0 in exact arithmetic (the bias of a convolution feeding an InstanceNorm)
-    becomes an update of up to lr. A norm, not the largest entry: rounding that moves one
-    activation of a 7x7 map across a ReLU's kink changes a few entries by percents. A wrong loss
-    or a wrong pairing of images changes gradients by their own size.
-    """
-    assert len(ours) == len(expected)
-    for i, (g, h) in enumerate(zip(ours, expected)):
-        error, scale = float((g - h).norm()), float(h.norm())
-        assert error <= 1e-2 * scale + 1e-4, f"gradient tensor {i} {tuple(h.shape)}: |diff| {error:.3g}, |g| {scale:.3g}"
 
 
 def assert_same_losses(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -309,11 +199,10 @@ def test_bf16_where_the_cpu_would_only_emulate_it_is_a_one_line_error(monkeypatc
 
 # --- the stage --------------------------------------------------------------------------------------
 
-def test_train_writes_models_plots_metrics_and_mlflow(project):
-    make_project(project)
-    assert cli_main(["train"]) == 0
-    from cyclegan.stages.translate import load_generator
-
+def test_train_writes_models_plots_metrics_and_mlflow(trained, monkeypatch, tmp_path):
+    # `cyclegan train` of make_project's defaults, run once for this file and test_resume.py.
+    assert trained.exit_code == 0
+    enter_project(monkeypatch, trained.root)
     G_A = load_generator(paths.MODELS / "G_A.pt", torch.device("cpu"))
     assert G_A(torch.zeros(1, 3, 28, 28)).shape == (1, 3, 28, 28)
     rows = read_losses()
@@ -332,11 +221,28 @@ def test_train_writes_models_plots_metrics_and_mlflow(project):
     history = client.get_metric_history(run.info.run_id, "loss_G_A")
     assert sorted(m.step for m in history) == list(range(1, 25))
     assert len(client.get_metric_history(run.info.run_id, "images_per_s")) == 24
-    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples == ["samples/epoch_0001.png", "samples/epoch_0002.png"]
+    # A sample grid per direction and epoch: rows input, translation, reconstruction, identity of
+    # eval.n_samples (2) test images, 28 px tiles with 2 px of padding.
+    folders = [(a.path, a.is_dir) for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert folders == [("samples/A2B", True), ("samples/B2A", True)]
+    for direction in ("A2B", "B2A"):
+        grids = [a.path for a in client.list_artifacts(run.info.run_id, f"samples/{direction}")]
+        assert grids == [f"samples/{direction}/epoch_0001.png", f"samples/{direction}/epoch_0002.png"]
+    grid = client.download_artifacts(run.info.run_id, "samples/B2A/epoch_0002.png", str(tmp_path))
+    with Image.open(grid) as im:
+        assert im.size == (2 + 2 * 30, 2 + 4 * 30)
     # Kept: the last two checkpoints (step 24 at the end of epoch 2, step 20 before it).
     assert [p.name for p in checkpoint.list_checkpoints(paths.CHECKPOINTS)] == ["step_000000020.pt",
                                                                                "step_000000024.pt"]
+
+
+def test_no_sample_grids_with_n_samples_0(project):
+    make_project(project, n_a=4, n_b=4, train={"n_epochs_decay": 0}, eval={"n_samples": 0})
+    run_train()
+    assert json.loads(paths.TRAIN_METRICS.read_text())["epochs"] == 1  # an epoch ended ...
+    client = mlflow_client()
+    assert client.get_run(run_id()).info.status == "FINISHED"
+    assert client.list_artifacts(run_id(), "samples") == []  # ... and logged no grid
 
 
 def test_batch_larger_than_the_dataset_fails_before_any_compute(project, monkeypatch, capsys):
@@ -345,7 +251,7 @@ def test_batch_larger_than_the_dataset_fails_before_any_compute(project, monkeyp
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(train, "CycleGAN", no_model)
+    monkeypatch.setattr(train, "build_model", no_model)
     assert cli_main(["train"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cyclegan train: error: train.batch_size (6) exceeds the dataset (5 images")
@@ -353,7 +259,7 @@ def test_batch_larger_than_the_dataset_fails_before_any_compute(project, monkeyp
 
 
 def test_missing_prepared_data_is_a_one_line_error(project, capsys):
-    set_params(project, TINY)
+    set_params(project, TRAIN_PARAMS)
     assert cli_main(["train"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no prepared dataset" in err and "dvc repro prepare" in err and "\n" not in err
@@ -403,8 +309,6 @@ def test_non_finite_weights_are_never_checkpointed(project, monkeypatch):
 
 def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
     make_project(project, train={"eval_every": 1, "max_steps": 0})
-    from cyclegan.stages import evaluate
-
     calls: list[tuple[tuple, tuple]] = []
 
     def fake_fid_kid(fake: np.ndarray, real: np.ndarray, cfg) -> dict[str, Any]:
@@ -412,61 +316,25 @@ def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
         assert fake.dtype == np.uint8
         return {"fid": 10.0 + len(calls), "kid": 0.5, "kid_std": 0.1, "kid_subset_size": len(fake)}
 
-    monkeypatch.setattr(evaluate, "fid_kid", fake_fid_kid)
+    monkeypatch.setattr(train, "fid_kid", fake_fid_kid)  # the name train looks up
     run_train()
     assert calls == [((4, 28, 28, 3), (4, 28, 28, 3))] * 4  # 2 epochs x 2 directions, the full test sets
     history = mlflow_client().get_metric_history(run_id(), "train_fid_A2B")
     assert [(m.step, m.value) for m in history] == [(1, 11.0), (2, 13.0)]
 
 
-def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_again():
-    """configure_torch on CPU raises glibc's malloc thresholds: the memory of a step's freed
-    tensors is reused by the next step's. By default glibc maps blocks above 32 MiB afresh each
-    time (and may unmap smaller ones), so every 4 KiB page of them faults in again."""
-    code = """
-import resource, torch
-from cyclegan.config import config_from_dict
-from cyclegan.stages import train
-
-def step():
-    held = [torch.ones(12 << 20), torch.ones(3 << 20), torch.ones(12 << 20)]  # 48, 12, 48 MiB
-
-def faults_of_steps():
-    for _ in range(3):
-        step()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-default = faults_of_steps()
-train.configure_torch(config_from_dict({"train": {"device": "cpu"}}), torch.device("cpu"), rank=0)
-# glibc before 2.35 caps the mmap threshold at 32 MiB: 48 MiB blocks would still be mapped there.
-import ctypes
-above_48_mib = ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 30) == 1
-print(default, faults_of_steps(), int(above_48_mib))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    default, tuned, above_48_mib = map(int, out.stdout.split())
-    if not above_48_mib:
-        pytest.skip("this glibc caps the mmap threshold below the test's 48 MiB blocks")
-    assert default > 10 * 2 * 12288 * 0.9  # the two 48 MiB blocks, every step
-    assert tuned < 1000
-
-
 def test_fingerprint_covers_what_changes_the_computation_and_nothing_else():
     def fp(world: int = 1, bf16: bool = False, **overrides) -> str:
-        return train.fingerprint(config_from_dict(merge(TINY, overrides)), "data-hash", world, bf16)
+        return checkpoint.fingerprint(config_from_dict(merge(TRAIN_PARAMS, overrides)), "data-hash", world, bf16)
 
     base = fp()
     # Where and how fast it runs, and how often it logs or saves, may change on resumption;
     # precision only through the arithmetic actually used (auto and fp32 are both fp32 on CPU).
     for overrides in ({"train": {"threads": 2}}, {"train": {"log_every": 7}}, {"train": {"checkpoint_every": 9}},
-                      {"train": {"max_steps": 3}}, {"train": {"winograd": False}}, {"train": {"precision": "fp32"}},
+                      {"train": {"max_steps": 3}}, {"train": {"precision": "fp32"}},
                       {"train": {"keep_checkpoints": 5}}, {"train": {"eval_every": 1}}):
         assert fp(**overrides) == base, overrides
     for changed in (fp(bf16=True), fp(world=2), fp(lambda_cycle=5.0), fp(seed=1), fp(train={"lr": 0.001}),
                     fp(model={"ngf": 16}), fp(data={"crop_size": 24}),
-                    train.fingerprint(config_from_dict(TINY), "other-data", 1, False)):
+                    checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "other-data", 1, False)):
         assert changed != base

@@ -1,7 +1,6 @@
 """`cyclegan translate`: test sets both ways, full resolution, a user's folder, bad generator files."""
 from __future__ import annotations
 
-import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -14,59 +13,60 @@ from cyclegan import paths
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
-from cyclegan.models import build_generator
+from cyclegan.generators import load_generator, save_generator, translate_array
+from cyclegan.networks import build_generator
 from cyclegan.stages import translate
-from cyclegan.stages.train import save_generator
+from helpers import write_prepared
 
 SMALL = {"model": {"netG": "resnet_6blocks", "ngf": 4}, "data": {"load_size": 32, "crop_size": 32},
          "eval": {"batch_size": 3}}
 
 
-def _project(tmp_path: Path, monkeypatch, **overrides) -> tuple:
-    monkeypatch.chdir(tmp_path)
-    raw = {**SMALL, **overrides}
-    cfg = config_from_dict(raw)
-    torch.manual_seed(0)
-    for name, direction in (("G_A.pt", "A2B"), ("G_B.pt", "B2A")):
-        save_generator(build_generator(cfg.model), cfg, direction, paths.MODELS / name)
-    rng = np.random.default_rng(0)
-    prepared = paths.PREPARED / "toy_horse2zebra"
-    prepared.mkdir(parents=True)
-    files = {}
-    for split, n in (("testA", 5), ("testB", 4)):
-        np.save(prepared / f"{split}.npy", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
-        files[split] = [f"{split}_{i}.jpg" for i in range(n)]
-        raw_dir = paths.RAW / "toy_horse2zebra" / split
-        raw_dir.mkdir(parents=True)
-        for i, name in enumerate(files[split]):  # raw images of odd sizes, for full resolution
-            Image.fromarray(rng.integers(0, 256, (30 + i, 45, 3), dtype=np.uint8)).save(raw_dir / name)
-    (prepared / "manifest.json").write_text(json.dumps({"files": files}))
-    return cfg, prepared
+@pytest.fixture
+def generators_and_test_sets(project):
+    """A function of param overrides that fills the project: generators of SMALL + overrides in
+    models/, prepared test sets of random images and raw test images of odd sizes. It returns the
+    config and the prepared folder."""
+    def make(**overrides) -> tuple:
+        cfg = config_from_dict({**SMALL, **overrides})
+        torch.manual_seed(0)
+        for name, direction in (("G_A.pt", "A2B"), ("G_B.pt", "B2A")):
+            save_generator(build_generator(cfg.model), cfg.model, direction, paths.MODELS / name)
+        rng = np.random.default_rng(0)
+        arrays, files = {}, {}
+        for split, n in (("testA", 5), ("testB", 4)):
+            arrays[split] = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            files[split] = [f"{split}_{i}.jpg" for i in range(n)]
+            raw_dir = paths.RAW / "toy_horse2zebra" / split
+            raw_dir.mkdir(parents=True)
+            for i, name in enumerate(files[split]):  # raw images of odd sizes, for full resolution
+                Image.fromarray(rng.integers(0, 256, (30 + i, 45, 3), dtype=np.uint8)).save(raw_dir / name)
+        return cfg, write_prepared(project, arrays, files)
+    return make
 
 
-def test_test_sets_both_ways_match_the_generators(tmp_path, monkeypatch):
-    cfg, prepared = _project(tmp_path, monkeypatch)
+def test_test_sets_both_ways_match_the_generators(generators_and_test_sets):
+    cfg, prepared = generators_and_test_sets()
     translate.main(cfg, None)
     a2b = sorted((paths.TRANSLATED / "A2B").iterdir())
     assert [p.name for p in a2b] == [f"testA_{i}.png" for i in range(5)]
     assert len(list((paths.TRANSLATED / "B2A").iterdir())) == 4
     # The PNG holds exactly what the generator computes, batch or no batch.
-    net = translate.load_generator(paths.MODELS / "G_A.pt", torch.device("cpu"))
-    expected = translate.translate_array(net, np.load(prepared / "testA.npy")[2:3], 1, torch.device("cpu"))[0]
+    net = load_generator(paths.MODELS / "G_A.pt", torch.device("cpu"))
+    expected = translate_array(net, np.load(prepared / "testA.npy")[2:3], 1, torch.device("cpu"))[0]
     np.testing.assert_array_equal(np.asarray(Image.open(a2b[2])), expected)
 
 
-def test_full_resolution_keeps_each_size_rounded_to_multiples_of_4(tmp_path, monkeypatch):
-    cfg, _ = _project(tmp_path, monkeypatch, eval={"full_resolution": True})
+def test_full_resolution_keeps_each_size_rounded_to_multiples_of_4(generators_and_test_sets):
+    cfg, _ = generators_and_test_sets(eval={"full_resolution": True})
     translate.main(cfg, None)
     sizes = [Image.open(p).size for p in sorted((paths.TRANSLATED / "A2B").iterdir())]
     # The raw images are 45 wide and 30..34 high: each side goes to its nearest multiple of 4.
     assert sizes == [(44, 32)] * 5
 
 
-def test_a_users_folder_with_a_chosen_generator(tmp_path, monkeypatch):
-    cfg, _ = _project(tmp_path, monkeypatch,
-                      data={**SMALL["data"], "alpha_background": [0, 128, 255]})  # not the default white
+def test_a_users_folder_with_a_chosen_generator(generators_and_test_sets, tmp_path):
+    cfg, _ = generators_and_test_sets(data={**SMALL["data"], "alpha_background": [0, 128, 255]})  # not the default white
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (50, 40), (200, 100, 0)).save(photos / "a.jpg")
@@ -78,14 +78,14 @@ def test_a_users_folder_with_a_chosen_generator(tmp_path, monkeypatch):
     assert out == ["a.png", "b.png"]
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)  # resized to crop_size
     # Transparent pixels are composited over data.alpha_background, as `prepare` does for training.
-    net = translate.load_generator(paths.MODELS / "G_B.pt", torch.device("cpu"))
+    net = load_generator(paths.MODELS / "G_B.pt", torch.device("cpu"))
     background = np.broadcast_to(np.array([0, 128, 255], np.uint8), (1, 32, 32, 3))
-    expected = translate.translate_array(net, background, 1, torch.device("cpu"))[0]
+    expected = translate_array(net, background, 1, torch.device("cpu"))[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "b.png")), expected)
 
 
-def test_bad_inputs_give_one_line(tmp_path, monkeypatch, capsys):
-    cfg, _ = _project(tmp_path, monkeypatch)
+def test_bad_inputs_give_one_line(generators_and_test_sets, tmp_path, capsys):
+    cfg, _ = generators_and_test_sets()
     (paths.MODELS / "G_A.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="G_A.pt: not a cyclegan generator file"):
         translate.main(cfg, None)
@@ -97,7 +97,7 @@ def test_bad_inputs_give_one_line(tmp_path, monkeypatch, capsys):
     assert code == 2 and err.count("\n") == 0 and "missing: not a folder" in err
 
 
-def test_missing_prepared_data_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no data/prepared here: one line naming the file, not a traceback
+def test_missing_prepared_data_is_a_one_line_error(project):
+    # No data/prepared here: one line naming the file, not a traceback.
     with pytest.raises(UserError, match=r"data/prepared/toy_horse2zebra/manifest.json: no prepared dataset"):
         translate.main(config_from_dict(SMALL), None)

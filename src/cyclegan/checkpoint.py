@@ -8,20 +8,45 @@ run code.
 
 Files are written atomically (a temp file renamed into place), so a run killed mid-write leaves
 the previous checkpoints intact; `load_latest` also skips a newest file that does not load.
+
+A checkpoint is resumed only by a run that computes the same thing: `fingerprint` names what
+must match, `load_matching` applies it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .config import Config
 from .fileio import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
+# Params that change what is computed are in the fingerprint; these (logging, checkpoint cadence,
+# where and how fast it runs) may change between a run and its resumption.
+NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
+                             "eval_every", "max_steps", "compile", "precision")
+
+
+def fingerprint(cfg: Config, data_hash: str, world: int = 1, bf16: bool = False) -> str:
+    """What a checkpoint must match to be resumed: every param that changes the computation.
+
+    The number of processes is part of it: it sets the global batch and which rank draws which
+    sample. So is the precision actually used, not its setting: `auto` and `fp32` compute the
+    same on CPU.
+    """
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in NON_SEMANTIC_TRAIN_PARAMS}
+    key = {"lambda_cycle": cfg.lambda_cycle, "lambda_identity": cfg.lambda_identity, "seed": cfg.seed,
+           "model": asdict(cfg.model), "train": train, "crop": cfg.data.crop_size,
+           "no_flip": cfg.data.no_flip, "data": data_hash, "world": world, "bf16": bf16}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def rng_state() -> dict[str, Any]:
@@ -82,3 +107,22 @@ def load_latest(folder: Path) -> tuple[dict[str, Any], Path] | None:
 def clear(folder: Path) -> None:
     for path in list_checkpoints(folder):
         path.unlink()
+
+
+def load_matching(folder: Path, fingerprint: str, fresh: bool) -> dict[str, Any] | None:
+    """The newest checkpoint of `folder` if it belongs to `fingerprint`, else None.
+
+    `fresh`, or checkpoints of other params or data, clear the folder first.
+    """
+    if fresh:
+        clear(folder)
+    loaded = load_latest(folder)
+    if loaded is None:
+        return None
+    state, path = loaded
+    if state.get("fingerprint") != fingerprint:
+        print(f"cyclegan train: the checkpoints in {folder} belong to other params or data; starting afresh")
+        clear(folder)
+        return None
+    print(f"cyclegan train: resuming from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
+    return state

@@ -85,10 +85,6 @@ class TrainConfig:
     precision: str = "auto"
     # channels_last memory format, on CUDA only: on CPU it made the step slower.
     channels_last: bool = True
-    # CPU fp32: the ResNet blocks' 3x3 convolutions as Winograd F(4x4, 3x3) where it is faster
-    # (ngf 64 from crop_size 128 on, ngf 32 from 256 on), from a C++ kernel compiled on first
-    # use (g++ and ninja; ~1 min, cached). Equal to direct convolution up to ~1e-5 relative.
-    winograd: bool = True
     compile: bool = False
     # cuDNN deterministic + torch deterministic algorithms: bit-reproducible on GPU, slower.
     deterministic: bool = False
@@ -110,7 +106,8 @@ class EvalConfig:
     inception_weights: str = "auto"
     # Translate at the full resolution of each test image (sides rounded to multiples of 4).
     full_resolution: bool = False
-    # Number of fixed test images shown in the report grids.
+    # Number of fixed test images in the sample grids (logged every epoch by train, and in the
+    # report); 0: no grids.
     n_samples: int = 4
 
 
@@ -152,6 +149,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Keys of earlier versions, and what replaced them.
 RENAMED = {"train.amp": "'train.precision' (auto, bf16 or fp32; true was auto, false fp32)"}
+# Keys of earlier versions that are gone, and why.
+REMOVED = {"train.winograd": "the Winograd CPU kernel was removed (it gained ~1% on the paper's network)"}
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -167,6 +166,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = f"{prefix}{unknown[0]}"
         if key in RENAMED:
             raise ConfigError(f"{PARAMS_FILE}: '{key}' is now {RENAMED[key]}")
+        if key in REMOVED:
+            raise ConfigError(f"{PARAMS_FILE}: '{key}' is no longer a param: {REMOVED[key]}; delete it")
         raise ConfigError(
             f"{PARAMS_FILE}: unknown key '{key}'; known keys here: {', '.join(sorted(names))}"
         )

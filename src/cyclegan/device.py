@@ -1,8 +1,5 @@
-"""Turn device settings into torch terms, shared by every stage: which device, which precision,
-and (for CPU training) how freed memory is kept."""
+"""Turn device settings into torch terms, shared by every stage: which device, which precision."""
 from __future__ import annotations
-
-import sys
 
 import torch
 
@@ -50,28 +47,3 @@ def use_bf16(setting: str, device: torch.device, key: str) -> bool:
         raise UserError(f"'{key}' is 'bf16' but {where}, so bf16 would run slower than fp32; "
                         f"set {key}: auto or fp32")
     return False
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc reuse freed blocks of any size instead of unmapping and mapping them again.
-
-    A training step allocates and frees the same tensors of several MB each time. By default
-    glibc serves blocks above its mmap threshold with fresh mappings and returns freed memory to
-    the kernel, so every step pays a page fault per 4 KiB touched: on CPU that cost 15% of the
-    9-block step at 128 px (benchmarks/train_step.py). Process-wide, so only the training process
-    calls it; a no-op where glibc's malloc is not the allocator. Returns whether it took effect.
-    """
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # glibc caps the mmap threshold (32 MiB on 64-bit before 2.35); blocks above it still map.
-    mmap_ok = any(mallopt(M_MMAP_THRESHOLD, size) == 1 for size in (1 << 30, 32 << 20))
-    return mmap_ok and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1

@@ -14,3 +14,8 @@ EVAL_METRICS = METRICS / "eval.json"
 DATA_REPORT = METRICS / "data_report.json"
 REPORTS = Path("reports")
 DATASET_PREVIEW = REPORTS / "dataset_preview.png"
+
+
+def translated_name(name: str) -> str:
+    """The file name of the translation of image `name`, in data/translated/<direction>/ or --output."""
+    return f"{Path(name).stem}.png"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import sys
@@ -25,23 +24,22 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import paths, tracking
+from ..comparison import Comparison, load_mlflow, plot_png, select
 from ..config import Config
+from ..data import PreparedDataset
 from ..device import resolve_device
-from ..data import PreparedDataset, to_tensor
 from ..errors import UserError
+from ..figures import SAMPLE_ROWS, figure_png, png_bytes, pyplot, sample_grid
 from ..fileio import atomic_path, write_text
-from . import compare
-from .translate import load_generator
+from ..generators import load_generator
 
 REPORT = paths.REPORTS / "index.html"
 LOSS_PNG = paths.REPORTS / "loss_curves.png"
 EPOCH_PNG = paths.REPORTS / "fid_kid_per_epoch.png"
 SAMPLE_PNG = {"A2B": paths.REPORTS / "samples_A2B.png", "B2A": paths.REPORTS / "samples_B2A.png"}
 ARTIFACT_DIR = "report"
-GRID_ROWS = ("input", "translation", "reconstruction", "identity")
 # What train logs every train.eval_every epochs, with step = epoch.
 EPOCH_METRICS = ("train_fid_A2B", "train_fid_B2A", "train_kid_A2B", "train_kid_B2A")
 # Loss terms by what they measure; the CSV names them loss_<term>.
@@ -67,24 +65,8 @@ def _read_json(path: Path, stage: str) -> dict[str, Any]:
 
 # --- figures ------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: stages run headless, in CI and in queued experiments
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
-    return buf.getvalue()
-
-
 def loss_curves_png(losses: pd.DataFrame) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for ax, (title, terms) in zip(axes, LOSS_PANELS.items()):
         for term in terms:
@@ -98,11 +80,11 @@ def loss_curves_png(losses: pd.DataFrame) -> bytes:
     axes[2].ticklabel_format(axis="y", useOffset=False)
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def epoch_metrics_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, kind in zip(axes, ("fid", "kid")):
@@ -115,28 +97,7 @@ def epoch_metrics_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
-
-
-@torch.no_grad()
-def sample_grid_png(images: np.ndarray, forward: torch.nn.Module, backward: torch.nn.Module,
-                    device: torch.device) -> bytes:
-    """One column per image; rows as GRID_ROWS: x, G(x), F(G(x)) and F(x).
-
-    F(x) is the identity mapping the identity loss trains: the generator into x's own domain
-    should leave x unchanged.
-    """
-    import torchvision
-    from torchvision.transforms.functional import to_pil_image
-
-    real = to_tensor(images).to(device)
-    fake = forward(real)
-    rows = [real, fake, backward(fake), backward(real)]
-    grid = torchvision.utils.make_grid(torch.cat(rows).float().cpu(), nrow=len(images), padding=2,
-                                       normalize=True, value_range=(-1, 1), pad_value=1.0)
-    buf = io.BytesIO()
-    to_pil_image(grid).save(buf, format="PNG")
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -156,7 +117,7 @@ class Inputs:
     run_id: str = ""
     run_name: str = ""
     epoch_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    comparison: compare.Comparison | None = None
+    comparison: Comparison | None = None
 
 
 def read_local_inputs(cfg: Config) -> Inputs:
@@ -182,7 +143,7 @@ def read_local_inputs(cfg: Config) -> Inputs:
         for direction, split, forward, backward in (("A2B", "testA", G_A, G_B), ("B2A", "testB", G_B, G_A)):
             images = np.array(data.array(split)[:n])
             if len(images):
-                samples[direction] = sample_grid_png(images, forward, backward, device)
+                samples[direction] = png_bytes(sample_grid(images, forward, backward, device))
 
     inputs = Inputs(cfg=cfg, train=_read_json(paths.TRAIN_METRICS, "train"),
                     evaluation=_read_json(paths.EVAL_METRICS, "evaluate"),
@@ -206,9 +167,9 @@ def read_run_inputs(inputs: Inputs, mlflow) -> None:
             inputs.epoch_history[name] = points
     try:
         # This run is still open (status RUNNING) while the report reattaches to it.
-        runs = compare.load_mlflow(mlflow.get_tracking_uri(), include=[inputs.run_id])
+        runs = load_mlflow(mlflow.get_tracking_uri(), include=[inputs.run_id])
         if len(runs) > 1:
-            comparison = compare.select(runs)
+            comparison = select(runs)
             if len(comparison.table) > 1:
                 inputs.comparison = comparison
     except UserError:
@@ -333,8 +294,8 @@ def _samples_section(inputs: Inputs) -> str:
     parts = []
     for direction, png in inputs.samples.items():
         split, forward, backward = names[direction]
-        labels = (f"input ({split})", f"translation {forward}(x)", f"reconstruction {backward}({forward}(x))",
-                  f"identity {backward}(x)")
+        details = (f"({split})", f"{forward}(x)", f"{backward}({forward}(x))", f"{backward}(x)")
+        labels = [f"{row} {detail}" for row, detail in zip(SAMPLE_ROWS, details)]
         parts.append(
             f"<h3>{direction[0]} &rarr; {direction[2]}</h3>\n<div class=\"grid\"><div class=\"labels\">"
             + "".join(f"<div>{html.escape(label)}</div>" for label in labels)
@@ -368,7 +329,7 @@ def _metrics_section(inputs: Inputs) -> str:
     return _section("metrics", f"Metrics ({paths.EVAL_METRICS})", "\n".join(parts))
 
 
-def _comparison_section(comparison: compare.Comparison, run_id: str) -> str:
+def _comparison_section(comparison: Comparison, run_id: str) -> str:
     table = comparison.table
     id_col = list(table.columns).index("id")
     rows = [list(r) for r in table.itertuples(index=False)]
@@ -379,7 +340,7 @@ def _comparison_section(comparison: compare.Comparison, run_id: str) -> str:
     intro = (f'<p class="muted">Finished runs of the MLflow experiment "{tracking.EXPERIMENT}", by '
              f"{html.escape(comparison.param)}; <code>cyclegan compare</code> writes the same table "
              "to reports/compare.csv.</p>")
-    return _section("experiments", "Experiments", intro + body + _img(compare.plot_png(comparison), "metrics vs param"))
+    return _section("experiments", "Experiments", intro + body + _img(plot_png(comparison), "metrics vs param"))
 
 
 def render(inputs: Inputs, figures: dict[str, bytes | None]) -> str:

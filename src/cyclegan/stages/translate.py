@@ -15,39 +15,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import images, paths
-from ..config import Config, ModelConfig
+from ..config import Config
+from ..data import PreparedDataset, dataset_name
 from ..device import resolve_device
-from ..data import PreparedDataset, dataset_name, to_tensor, to_uint8
 from ..errors import UserError
 from ..fileio import atomic_dir
-from ..models import build_generator
+from ..generators import load_generator, translate_array
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", type=Path, help="a folder of images to translate (instead of the test sets)")
     parser.add_argument("--generator", type=Path, default=paths.MODELS / "G_A.pt",
                         help="generator file for --input (models/G_A.pt: A->B, models/G_B.pt: B->A)")
     parser.add_argument("--output", type=Path, help="output folder for --input")
-
-
-def load_generator(path: Path, device: torch.device) -> torch.nn.Module:
-    if not path.exists():
-        raise UserError(f"{path}: generator not found; run `dvc repro train` first")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        net = build_generator(ModelConfig(**saved["model"]))
-        net.load_state_dict(saved["state_dict"])
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise UserError(f"{path}: not a cyclegan generator file ({type(e).__name__}); retrain with `dvc repro train`") from None
-    return net.to(device).eval()
-
-
-@torch.no_grad()
-def translate_array(net: torch.nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3) through `net`, in batches."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(to_uint8(net(to_tensor(images[i:i + batch_size]).to(device))))
-    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), np.uint8)
 
 
 def _open_rgb(path: Path, background: tuple[int, int, int]) -> Image.Image:
@@ -71,7 +51,7 @@ def translate_files(net: torch.nn.Module, files: list[Path], out_dir: Path, size
         image = _open_rgb(f, background)
         image = image.resize((size, size), Image.BICUBIC) if size else _multiple_of_4(image)
         fake = translate_array(net, np.asarray(image)[None], 1, device)[0]
-        Image.fromarray(fake).save(out_dir / f"{f.stem}.png")
+        Image.fromarray(fake).save(out_dir / paths.translated_name(f.name))
 
 
 def translate_test_sets(cfg: Config, device: torch.device) -> None:
@@ -88,7 +68,7 @@ def translate_test_sets(cfg: Config, device: torch.device) -> None:
                 continue
             fakes = translate_array(net, np.asarray(data.array(split)), cfg.eval.batch_size, device)
             for fname, fake in zip(tqdm(data.names(split), desc=direction, unit="img", disable=None), fakes):
-                Image.fromarray(fake).save(out / direction / f"{Path(fname).stem}.png")
+                Image.fromarray(fake).save(out / direction / paths.translated_name(fname))
 
 
 def main(cfg: Config, args=None) -> None:

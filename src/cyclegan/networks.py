@@ -12,7 +12,6 @@ import functools
 import torch
 from torch import nn
 
-from . import winograd
 from .config import ModelConfig
 
 
@@ -31,41 +30,14 @@ def _conv_bias(norm: str) -> bool:
     return norm != "batch"
 
 
-class Conv3x3(nn.Conv2d):
-    """The ResNet blocks' convolution: 3x3, stride 1, on an input padded beforehand.
-
-    With `winograd` set (use_winograd) it runs as Winograd F(4x4, 3x3) where that is faster
-    (fp32 on CPU, wide and large enough: cyclegan.winograd.suits), the kernel being built on the
-    first such call: the same parameters and function.
-    """
-
-    winograd = False
-
-    def __init__(self, dim: int, bias: bool):
-        super().__init__(dim, dim, 3, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.winograd and winograd.suits(x, self.weight) and winograd.available():
-            return winograd.conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-def use_winograd(net: nn.Module, on: bool = True) -> int:
-    """Switch the Conv3x3 layers of `net` to (or from) Winograd; returns how many there are."""
-    layers = [m for m in net.modules() if isinstance(m, Conv3x3)]
-    for layer in layers:
-        layer.winograd = on
-    return len(layers)
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, dim: int, norm: str, use_dropout: bool):
         super().__init__()
         Norm, bias = norm_layer(norm), _conv_bias(norm)
-        layers = [nn.ReflectionPad2d(1), Conv3x3(dim, bias), Norm(dim), nn.ReLU(True)]
+        layers = [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), Norm(dim), nn.ReLU(True)]
         if use_dropout:
             layers.append(nn.Dropout(0.5))
-        layers += [nn.ReflectionPad2d(1), Conv3x3(dim, bias), Norm(dim)]
+        layers += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), Norm(dim)]
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,3 +201,38 @@ def build_networks(cfg: ModelConfig, seed: int) -> dict[str, nn.Module]:
     for net in nets.values():
         init_weights(net, cfg.init_type, cfg.init_gain, generator=gen)
     return nets
+
+
+class DeterministicReflectionPad2d(nn.Module):
+    """nn.ReflectionPad2d built from slices, flips and concatenations.
+
+    The forward copies exactly the values nn.ReflectionPad2d does. The backward adds each
+    reflected gradient to its source pixel in a fixed order, where CUDA's reflection_pad2d
+    backward uses atomicAdd: the only kernel of these networks without a deterministic version.
+    """
+
+    def __init__(self, padding: tuple[int, int, int, int]):
+        super().__init__()
+        self.left, self.right, self.top, self.bottom = padding
+
+    @staticmethod
+    def _reflect(x: torch.Tensor, before: int, after: int, dim: int) -> torch.Tensor:
+        n = x.shape[dim]
+        parts = [x.narrow(dim, 1, before).flip(dim)] if before else []
+        parts.append(x)
+        if after:
+            parts.append(x.narrow(dim, n - 1 - after, after).flip(dim))
+        return torch.cat(parts, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._reflect(x, self.left, self.right, -1)
+        return self._reflect(x, self.top, self.bottom, -2)
+
+
+def use_deterministic_padding(net: nn.Module) -> None:
+    """Replace every nn.ReflectionPad2d of `net` by DeterministicReflectionPad2d (no parameters move)."""
+    for name, child in net.named_children():
+        if isinstance(child, nn.ReflectionPad2d):
+            setattr(net, name, DeterministicReflectionPad2d(child.padding))
+        else:
+            use_deterministic_padding(child)

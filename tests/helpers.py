@@ -1,0 +1,191 @@
+"""What several test files share: tiny params, project folders in tmp, and running commands.
+
+Imported as `from helpers import ...` (tests/ is on sys.path: pytest puts the folder of
+tests/conftest.py there). Fixtures built on these live in tests/conftest.py; no test file imports
+another.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cyclegan import paths, toy_dataset
+from cyclegan.config import config_from_dict
+from cyclegan.data import MANIFEST
+
+# --- params --------------------------------------------------------------------------------------
+
+# What every training test has: the smallest networks, one epoch at the full LR and one decayed,
+# one thread.
+TINY = {"model": {"ngf": 8, "ndf": 8}, "train": {"n_epochs": 1, "n_epochs_decay": 1, "threads": 1}}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in, dicts key by key; neither argument is modified."""
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# The whole params.yaml of an in-process training project (`make_project`): 28 px crops of the toy
+# images on CPU, every step logged, a checkpoint every 4 steps, 2 sample images.
+TRAIN_PARAMS = merge(TINY, {
+    "seed": 0,
+    "data": {"dataset": "toy_horse2zebra", "load_size": 32, "crop_size": 28},
+    "model": {"netG": "resnet_6blocks"},
+    "train": {"log_every": 1, "checkpoint_every": 4, "device": "cpu"},
+    "eval": {"n_samples": 2, "device": "cpu"},
+})
+
+
+def set_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+# --- project folders -----------------------------------------------------------------------------
+
+def tracking_uri(root: Path) -> str:
+    """The project's own MLflow store: a sqlite file in it."""
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def enter_project(mp: pytest.MonkeyPatch, root: Path) -> Path:
+    """Make `root` the working directory, with its own MLflow store; `mp` undoes both."""
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", tracking_uri(root))
+    return root
+
+
+def write_prepared(root: Path, arrays: dict[str, np.ndarray], files: dict[str, list[str]],
+                   content_sha256: str | None = None, dataset: str = "toy_horse2zebra") -> Path:
+    """data/prepared/<dataset> as `prepare` writes it: <split>.npy, and manifest.json naming the
+    source file of each image of `files`' splits."""
+    prepared = root / paths.PREPARED / dataset
+    prepared.mkdir(parents=True, exist_ok=True)
+    for split, array in arrays.items():
+        np.save(prepared / f"{split}.npy", array)
+    manifest: dict = {"files": files}
+    if content_sha256 is not None:
+        manifest["content_sha256"] = content_sha256
+    (prepared / MANIFEST).write_text(json.dumps(manifest))
+    return prepared
+
+
+def make_project(root: Path, n_a: int = 12, n_b: int = 10, n_test: int = 4, **overrides) -> dict:
+    """A training project: params.yaml (TRAIN_PARAMS + overrides) and data/prepared/toy_horse2zebra.
+
+    As `prepare` stores them: training images at load_size, test images resized to crop_size.
+    Returns the params.
+    """
+    params = merge(TRAIN_PARAMS, overrides)
+    set_params(root, params)
+    load, crop = params["data"]["load_size"], params["data"]["crop_size"]
+    raw = root / "raw"
+    if not raw.exists():
+        toy_dataset.generate(raw, image_size=load, n_train_a=n_a, n_train_b=n_b, n_test=n_test, seed=2017)
+    arrays, files, digest = {}, {}, hashlib.sha256()
+    for split in ("trainA", "trainB", "testA", "testB"):
+        names = sorted(p.name for p in (raw / split).iterdir())
+        size = load if split.startswith("train") else crop
+        arrays[split] = np.stack([
+            np.asarray(Image.open(raw / split / n).convert("RGB").resize((size, size), Image.BICUBIC))
+            for n in names])
+        files[split] = names
+        digest.update(split.encode() + arrays[split].tobytes())
+    write_prepared(root, arrays, files, content_sha256=digest.hexdigest())
+    return params
+
+
+# --- training runs and what they leave ----------------------------------------------------------
+
+def run_train(fresh: bool = False) -> None:
+    """`cyclegan train` in this process, in the current folder; a UserError comes out as is."""
+    from cyclegan.stages import train
+
+    cfg = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()))
+    train.main(cfg, argparse.Namespace(fresh=fresh))
+
+
+def read_losses(path: Path = paths.TRAIN_LOSSES) -> list[dict[str, str]]:
+    """The loss plot without its timing columns."""
+    from cyclegan.stages.train import TIMING_COLUMNS
+
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+def generator_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def mlflow_client(root: Path | None = None):
+    """A client of `root`'s MLflow store, or of MLFLOW_TRACKING_URI's."""
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(root) if root else os.environ["MLFLOW_TRACKING_URI"])
+
+
+def run_id(root: Path = Path(".")) -> str:
+    """The MLflow run of the project's training (models/mlflow_run.json)."""
+    return json.loads((root / paths.MLFLOW_RUN).read_text())["run_id"]
+
+
+def project_env(root: Path) -> dict[str, str]:
+    """The environment of a `cyclegan` subprocess in project `root`: one thread, its own store."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking_uri(root)}
+
+
+# --- gradients -------------------------------------------------------------------------------------
+
+def record_gradients(opt_G: torch.optim.Optimizer, opt_D: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Copies of the gradients each optimizer step is about to apply, in order, appended per step."""
+    seen: list[torch.Tensor] = []
+    for opt in (opt_G, opt_D):
+        def step(*args, _opt=opt, _step=opt.step, **kwargs):
+            seen.extend(p.grad.clone() for group in _opt.param_groups for p in group["params"])
+            return _step(*args, **kwargs)
+        opt.step = step
+    return seen
+
+
+def assert_same_gradients(ours: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Equal up to float rounding: within 1% in norm, tensor by tensor.
+
+    Gradients, not weights: Adam divides by the gradient's size, so the rounding noise of a
+    gradient that is 0 in exact arithmetic (the bias of a convolution feeding an InstanceNorm)
+    becomes an update of up to lr. A norm, not the largest entry: rounding that moves one
+    activation of a 7x7 map across a ReLU's kink changes a few entries by percents. A wrong loss
+    or a wrong pairing of images changes gradients by their own size.
+    """
+    assert len(ours) == len(expected)
+    for i, (g, h) in enumerate(zip(ours, expected)):
+        error, scale = float((g - h).norm()), float(h.norm())
+        assert error <= 1e-2 * scale + 1e-4, f"gradient tensor {i} {tuple(h.shape)}: |diff| {error:.3g}, |g| {scale:.3g}"
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+# For subprocesses that commit to git or run DVC.
+GIT_DVC_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+               "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `cmd` to its end; it must succeed (the failure shows the ends of its output)."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
