@@ -21,7 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
-from cyclegan import paths, toy_dataset
+from cyclegan import checkpoint, paths, toy_dataset
 from cyclegan.config import config_from_dict
 from cyclegan.data import MANIFEST
 
@@ -110,6 +110,18 @@ def make_project(root: Path, n_a: int = 12, n_b: int = 10, n_test: int = 4, **ov
 
 
 # --- training runs and what they leave ----------------------------------------------------------
+
+def run_dir(root: Path = Path(".")) -> Path:
+    """The checkpoint folder of the one run in `root`: models/checkpoints/<fingerprint>/."""
+    runs = [d for d in (root / paths.CHECKPOINTS).glob("*") if d.is_dir()]
+    assert len(runs) <= 1, runs
+    return runs[0].relative_to(root) if runs else paths.CHECKPOINTS / "no-run-yet"
+
+
+def run_checkpoints(root: Path = Path(".")) -> list[Path]:
+    """The checkpoint files of the one run in `root`, oldest first."""
+    return checkpoint.list_checkpoints(root / run_dir(root))
+
 
 def run_train(fresh: bool = False) -> None:
     """`cyclegan train` in this process, in the current folder; a UserError comes out as is."""

@@ -25,7 +25,7 @@ from cyclegan.data import PositionSampler, UnpairedTrainSet
 from cyclegan.distributed import Distributed
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
-from helpers import (assert_same_gradients, enter_project, generator_weights, make_project, merge, project_env,
+from helpers import (assert_same_gradients, enter_project, run_dir, generator_weights, make_project, merge, project_env,
                      read_losses, record_gradients, run_train, set_params)
 
 # Compared steps: from the third, rounding differences grow past 1e-4 (see the torchrun test).
@@ -96,7 +96,7 @@ def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypa
     params = make_project(tmp_path, n_a=13, **{"train": {"max_steps": 7, "checkpoint_every": 4}})
     first = torchrun(tmp_path)
     assert first.returncode == 0, first.stderr
-    state = torch.load(tmp_path / paths.CHECKPOINTS / "step_000000007.pt", weights_only=True)
+    state = torch.load(tmp_path / run_dir(tmp_path) / "step_000000007.pt", weights_only=True)
     assert state["world"] == 2 and state["epoch"] == 1 and state["position"] == 2
     assert len(state["ranks"]) == 2
     pools = [r["pool_A"]["images"] for r in state["ranks"]]

@@ -5,6 +5,8 @@ columns aside) and torch.equal generator weights.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
@@ -14,9 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cyclegan import checkpoint, paths
-from helpers import (generator_weights, make_project, merge, mlflow_client, project_env, read_losses, run_id,
+from cyclegan.config import config_from_dict
+from cyclegan.data import MANIFEST
+from cyclegan.errors import UserError
+from cyclegan.model import CycleGAN
+from helpers import (TRAIN_PARAMS, generator_weights, make_project, run_dir, merge, mlflow_client, project_env, read_losses, run_id,
                      run_train, set_params)
 
 # 2 epochs of 12 steps; checkpoints every 3 steps, the last 2 kept.
@@ -49,8 +56,12 @@ def uninterrupted(trained):
     return outputs(trained.root)
 
 
+def prepared_hash() -> str:
+    return json.loads((paths.PREPARED / "toy_horse2zebra" / MANIFEST).read_text())["content_sha256"]
+
+
 def newest_step(root: Path) -> int:
-    found = checkpoint.list_checkpoints(root / paths.CHECKPOINTS)
+    found = checkpoint.list_checkpoints(root / run_dir(root))
     return int(checkpoint.PATTERN.search(found[-1].name).group(1)) if found else 0
 
 
@@ -79,7 +90,7 @@ def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
     proc = cyclegan_train(tmp_path)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
-    assert f"resuming from {paths.CHECKPOINTS / f'step_{killed_at:09d}.pt'}" in log
+    assert f"resuming from {run_dir(tmp_path) / f'step_{killed_at:09d}.pt'}" in log
     assert_same_run(outputs(tmp_path), uninterrupted)
 
     assert run_id(tmp_path) == first_run  # the same MLflow run, reattached
@@ -104,15 +115,19 @@ def test_stopped_run_continues_exactly_and_keeps_its_mlflow_run(project, uninter
 
 def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):
     make_project(project, **merge(PARAMS, {"train": {"max_steps": 10}}))
-    stale = project / paths.CHECKPOINTS / ".step_000000003.pt.x1y2.tmp"  # left by a killed write
+    params = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()))
+    folder = checkpoint.run_folder(paths.CHECKPOINTS, checkpoint.fingerprint(params, prepared_hash()))
+    stale = folder / ".step_000000003.pt.x1y2.tmp"  # left by a killed write
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
     run_train()
-    files = sorted(p.name for p in (project / paths.CHECKPOINTS).iterdir())
+    files = sorted(p.name for p in folder.iterdir())
     assert files == ["step_000000009.pt", "step_000000010.pt"]  # keep_checkpoints: 2, no temp files
 
-    state = torch.load(project / paths.CHECKPOINTS / "step_000000010.pt", weights_only=True)
+    state = torch.load(folder / "step_000000010.pt", weights_only=True)
     assert state["step"] == 10 and state["epoch"] == 0 and state["position"] == 10 and state["world"] == 1
+    assert state["execution"] == {"world": 1, "device": "cpu", "bf16": False, "channels_last": False,
+                                  "deterministic": False, "compile": False}
     assert state["mlflow_run_id"] == run_id()
     assert len(state["history"]) == 10 and state["config"]["train"]["max_steps"] == 10
     model = state["model"]
@@ -124,35 +139,82 @@ def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):
     assert set(rank["rng"]) == {"python", "numpy", "torch", "cuda"}
 
 
-def test_checkpoints_of_other_params_are_not_resumed(project, capsys):
+def test_other_params_start_in_their_own_folder_and_keep_the_others(project, capsys):
     params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 4}}))
     run_train()
-    first_run, first_losses = run_id(), read_losses()
+    first_run, first_losses, first_dir = run_id(), read_losses(), run_dir()
+    first_files = {p: p.read_bytes() for p in first_dir.iterdir()}
     set_params(project, merge(params, {"lambda_cycle": 5.0}))
     capsys.readouterr()
     run_train()
     out = capsys.readouterr().out
-    assert "belong to other params or data; starting afresh" in out and "resuming" not in out
+    assert "resuming" not in out
+    assert f"{paths.CHECKPOINTS} also holds 1 other run" in out and "kept" in out
     losses = read_losses()
     assert [r["step"] for r in losses] == ["1", "2", "3", "4"]
     assert losses[0]["loss_G_A"] == first_losses[0]["loss_G_A"]  # the same start ...
     assert losses[0]["loss_cycle_A"] != first_losses[0]["loss_cycle_A"]  # ... with the new weight
     assert run_id() != first_run
-    state = torch.load(project / paths.CHECKPOINTS / "step_000000004.pt", weights_only=True)
+    # The first run's training state is untouched, beside the new run's.
+    assert {p: p.read_bytes() for p in first_dir.iterdir()} == first_files
+    (new_dir,) = [d for d in paths.CHECKPOINTS.iterdir() if d != first_dir]
+    state = torch.load(new_dir / "step_000000004.pt", weights_only=True)
     assert state["config"]["lambda_cycle"] == 5.0
+
+
+def test_checkpoints_of_an_earlier_version_are_kept_not_resumed(project, capsys):
+    make_project(project, **merge(PARAMS, {"train": {"max_steps": 4}}))
+    legacy = paths.CHECKPOINTS / "step_000000004.pt"  # the flat layout of earlier versions
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"an old checkpoint")
+    run_train()
+    out = capsys.readouterr().out
+    assert "checkpoints of an earlier version" in out and "resuming" not in out
+    assert legacy.read_bytes() == b"an old checkpoint"
+
+
+def test_another_number_of_processes_stops_with_one_line(project):
+    params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 3}}))
+    run_train()
+    newest = run_dir() / "step_000000003.pt"
+    state = torch.load(newest, weights_only=True)
+    state["world"] = state["execution"]["world"] = 2  # as a 2-process torchrun job writes it
+    torch.save(state, newest)
+    set_params(project, merge(params, {"train": {"max_steps": 6}}))
+    with pytest.raises(UserError) as e:
+        run_train()
+    message = str(e.value)
+    assert str(newest) in message and "2 training processes" in message and "--fresh" in message
+    assert "\n" not in message
+    assert newest.exists()
+
+
+def test_a_run_resumes_under_other_execution_settings_and_says_so(project, capsys):
+    params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 3}}))
+    run_train()
+    set_params(project, merge(params, {"train": {"max_steps": 6, "deterministic": True}}))
+    capsys.readouterr()
+    try:
+        run_train()
+    finally:
+        torch.use_deterministic_algorithms(False)  # configure_torch sets it process-wide
+    out = capsys.readouterr().out
+    assert f"resuming from {run_dir() / 'step_000000003.pt'}" in out
+    assert "now with deterministic False -> True" in out
+    assert [r["step"] for r in read_losses()] == [str(s) for s in range(1, 7)]
 
 
 def test_unreadable_newest_checkpoint_is_skipped(project, capsys, uninterrupted):
     params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 8}}))
     run_train()
-    newest = project / paths.CHECKPOINTS / "step_000000008.pt"
+    newest = project / run_dir() / "step_000000008.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # as a full disk would leave it
     set_params(project, merge(params, {"train": {"max_steps": 0}}))
     capsys.readouterr()
     run_train()
     out = capsys.readouterr().out
     assert "skipping unreadable checkpoint" in out
-    assert f"resuming from {paths.CHECKPOINTS / 'step_000000006.pt'}" in out
+    assert f"resuming from {run_dir() / 'step_000000006.pt'}" in out
     assert_same_run(outputs(project), uninterrupted)
 
 
@@ -163,3 +225,45 @@ def test_fresh_ignores_checkpoints(project, capsys):
     run_train(fresh=True)
     assert "resuming" not in capsys.readouterr().out
     assert [r["step"] for r in read_losses()] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("saved, resumed", [(torch.channels_last, torch.contiguous_format),
+                                            (torch.contiguous_format, torch.channels_last)])
+def test_a_checkpoint_resumes_in_another_memory_layout(saved, resumed):
+    """CUDA trains channels_last, CPU contiguous: a checkpoint from one must resume on the other.
+
+    Adam's moments are saved in the layout of the run that wrote them; the fused step of the
+    resuming run must pair each moment with its own weight. The reference resumes from the same
+    values with every tensor in the resuming run's layout."""
+    cfg = config_from_dict(merge(TRAIN_PARAMS, {"train": {"pool_size": 0}}))
+    cpu = torch.device("cpu")
+    writer = CycleGAN(cfg, cpu, memory_format=saved)
+    real = [torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(4)]
+    writer.train_step(real[0].contiguous(memory_format=saved), real[1].contiguous(memory_format=saved))
+    buffer = io.BytesIO()
+    torch.save(writer.state_dict(), buffer)
+
+    def resume(to_layout: bool) -> CycleGAN:
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        if to_layout:
+            state = _to_layout(state, resumed)
+        model = CycleGAN(cfg, cpu, memory_format=resumed)
+        model.load_state_dict(state)
+        model.train_step(real[2].contiguous(memory_format=resumed), real[3].contiguous(memory_format=resumed))
+        return model
+
+    ours, reference = resume(False), resume(True)
+    for name in ours.nets:
+        for (k, p), q in zip(ours.nets[name].named_parameters(), reference.nets[name].parameters()):
+            assert torch.equal(p, q), f"{name}.{k}"
+
+
+def _to_layout(obj, memory_format):
+    if torch.is_tensor(obj):
+        return obj.contiguous(memory_format=memory_format) if obj.dim() == 4 else obj
+    if isinstance(obj, dict):
+        return {k: _to_layout(v, memory_format) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_layout(v, memory_format) for v in obj]
+    return obj

@@ -26,7 +26,7 @@ from cyclegan.generators import load_generator
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
 from cyclegan.stages import train
-from helpers import (TRAIN_PARAMS, assert_same_gradients, enter_project, make_project, merge, mlflow_client,
+from helpers import (TRAIN_PARAMS, run_checkpoints, assert_same_gradients, enter_project, make_project, merge, mlflow_client,
                      read_losses, record_gradients, run_id, run_train, set_params)
 
 
@@ -197,6 +197,35 @@ def test_bf16_where_the_cpu_would_only_emulate_it_is_a_one_line_error(monkeypatc
     assert not tiny_model(train={"precision": "auto"}).bf16
 
 
+# The GPU options run on CPU too, so that CI exercises them (tests/test_cuda.py: on a GPU).
+
+def test_channels_last_trains_as_the_contiguous_layout_does():
+    ours, contiguous = tiny_model(train={"channels_last": True, "pool_size": 0}), tiny_model(train={"pool_size": 0})
+    assert ours.memory_format == torch.channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in ours.nets["G_A"].parameters() if p.dim() == 4)
+    # As in test_batched_network_calls_equal_separate_calls: the same losses, and gradients equal
+    # up to rounding (the first step's updates, which Adam scales by the gradients' size, would
+    # turn rounding noise into differences of up to lr).
+    ours_grads, their_grads = record_gradients(ours.opt_G, ours.opt_D), record_gradients(contiguous.opt_G, contiguous.opt_D)
+    real_A, real_B = images(2), images(2, seed=1)
+    a = ours.train_step(real_A.contiguous(memory_format=torch.channels_last),
+                        real_B.contiguous(memory_format=torch.channels_last))
+    assert_same_losses(a, contiguous.train_step(real_A, real_B))
+    assert_same_gradients(ours_grads, their_grads)
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_as_eager_ones():
+    """torch.compile on CPU (inductor, built with the machine's C++ compiler): the step compiles
+    for a minute or two, then equals eager up to float rounding."""
+    compiled, eager = tiny_model(train={"compile": True, "pool_size": 0}), tiny_model(train={"pool_size": 0})
+    assert all(type(net).__name__ == "OptimizedModule" for net in compiled._run.values())
+    ours_grads, their_grads = record_gradients(compiled.opt_G, compiled.opt_D), record_gradients(eager.opt_G, eager.opt_D)
+    real_A, real_B = images(2), images(2, seed=1)
+    assert_same_losses(compiled.train_step(real_A, real_B), eager.train_step(real_A, real_B))
+    assert_same_gradients(ours_grads, their_grads)
+
+
 # --- the stage --------------------------------------------------------------------------------------
 
 def test_train_writes_models_plots_metrics_and_mlflow(trained, monkeypatch, tmp_path):
@@ -232,7 +261,7 @@ def test_train_writes_models_plots_metrics_and_mlflow(trained, monkeypatch, tmp_
     with Image.open(grid) as im:
         assert im.size == (2 + 2 * 30, 2 + 4 * 30)
     # Kept: the last two checkpoints (step 24 at the end of epoch 2, step 20 before it).
-    assert [p.name for p in checkpoint.list_checkpoints(paths.CHECKPOINTS)] == ["step_000000020.pt",
+    assert [p.name for p in run_checkpoints()] == ["step_000000020.pt",
                                                                                "step_000000024.pt"]
 
 
@@ -290,7 +319,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(pr
     message = str(e.value)
     assert "at step 7" in message and "loss_G_A is nan" in message and "\n" not in message
     assert "step_000000004.pt is kept" in message
-    kept = checkpoint.list_checkpoints(paths.CHECKPOINTS)
+    kept = run_checkpoints()
     assert [p.name for p in kept] == ["step_000000004.pt"]
     state = torch.load(kept[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"]["nets"]["G_A"].values())
@@ -304,7 +333,7 @@ def test_non_finite_weights_are_never_checkpointed(project, monkeypatch):
     corrupt_weights_at(monkeypatch, step=8, before_step=False)
     with pytest.raises(UserError, match="G_A has NaN or inf weights after step 8"):
         run_train()
-    assert [p.name for p in checkpoint.list_checkpoints(paths.CHECKPOINTS)] == ["step_000000004.pt"]
+    assert [p.name for p in run_checkpoints()] == ["step_000000004.pt"]
 
 
 def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
@@ -323,18 +352,21 @@ def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
     assert [(m.step, m.value) for m in history] == [(1, 11.0), (2, 13.0)]
 
 
-def test_fingerprint_covers_what_changes_the_computation_and_nothing_else():
-    def fp(world: int = 1, bf16: bool = False, **overrides) -> str:
-        return checkpoint.fingerprint(config_from_dict(merge(TRAIN_PARAMS, overrides)), "data-hash", world, bf16)
+def test_fingerprint_covers_what_defines_the_run_and_nothing_else():
+    def fp(**overrides) -> str:
+        return checkpoint.fingerprint(config_from_dict(merge(TRAIN_PARAMS, overrides)), "data-hash")
 
     base = fp()
-    # Where and how fast it runs, and how often it logs or saves, may change on resumption;
-    # precision only through the arithmetic actually used (auto and fp32 are both fp32 on CPU).
+    # Where and how it runs, and how often it logs or saves, may change on resumption: precision,
+    # memory layout and deterministic kernels change the rounding, not the model being trained.
     for overrides in ({"train": {"threads": 2}}, {"train": {"log_every": 7}}, {"train": {"checkpoint_every": 9}},
-                      {"train": {"max_steps": 3}}, {"train": {"precision": "fp32"}},
+                      {"train": {"max_steps": 3}}, {"train": {"precision": "bf16"}}, {"train": {"precision": "fp32"}},
+                      {"train": {"channels_last": False}}, {"train": {"deterministic": True}},
+                      {"train": {"compile": True}}, {"train": {"device": "cuda"}},
                       {"train": {"keep_checkpoints": 5}}, {"train": {"eval_every": 1}}):
         assert fp(**overrides) == base, overrides
-    for changed in (fp(bf16=True), fp(world=2), fp(lambda_cycle=5.0), fp(seed=1), fp(train={"lr": 0.001}),
-                    fp(model={"ngf": 16}), fp(data={"crop_size": 24}),
-                    checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "other-data", 1, False)):
+    for changed in (fp(lambda_cycle=5.0), fp(lambda_identity=0.0), fp(seed=1), fp(train={"lr": 0.001}),
+                    fp(train={"batch_size": 2}), fp(train={"pool_size": 3}), fp(model={"ngf": 16}),
+                    fp(data={"crop_size": 24}), fp(data={"no_flip": True}),
+                    checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "other-data")):
         assert changed != base

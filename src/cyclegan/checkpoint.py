@@ -9,8 +9,12 @@ run code.
 Files are written atomically (a temp file renamed into place), so a run killed mid-write leaves
 the previous checkpoints intact; `load_latest` also skips a newest file that does not load.
 
-A checkpoint is resumed only by a run that computes the same thing: `fingerprint` names what
-must match, `load_matching` applies it.
+Each run keeps its checkpoints in a folder of its own, models/checkpoints/<fingerprint>/, named by
+what defines the result (`fingerprint`: the params and data). A run of other params starts in
+its own folder and leaves the others as they are; nothing is deleted but by `--fresh`, which
+clears this run's folder. How the run executes (precision, memory layout, deterministic kernels,
+device) may change between a run and its resumption; the number of processes may not, since each
+process's image pools and RNG streams are part of the state (`open_run`).
 """
 from __future__ import annotations
 
@@ -26,26 +30,28 @@ import numpy as np
 import torch
 
 from .config import Config
+from .errors import UserError
 from .fileio import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
-# Params that change what is computed are in the fingerprint; these (logging, checkpoint cadence,
-# where and how fast it runs) may change between a run and its resumption.
+# Params that define what is trained are in the fingerprint; these (logging, checkpoint cadence,
+# where and how it runs) may change between a run and its resumption.
 NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                             "eval_every", "max_steps", "compile", "precision")
+                             "eval_every", "max_steps", "compile", "precision", "channels_last",
+                             "deterministic")
 
 
-def fingerprint(cfg: Config, data_hash: str, world: int = 1, bf16: bool = False) -> str:
-    """What a checkpoint must match to be resumed: every param that changes the computation.
+def fingerprint(cfg: Config, data_hash: str) -> str:
+    """The run a checkpoint belongs to: every param that defines what is trained, and the data.
 
-    The number of processes is part of it: it sets the global batch and which rank draws which
-    sample. So is the precision actually used, not its setting: `auto` and `fp32` compute the
-    same on CPU.
+    Not how it executes: bf16 autocast, channels_last or deterministic kernels round differently
+    but train the same model, so a run may resume under other settings (on a GPU after a CPU
+    start, say).
     """
     train = {k: v for k, v in asdict(cfg.train).items() if k not in NON_SEMANTIC_TRAIN_PARAMS}
     key = {"lambda_cycle": cfg.lambda_cycle, "lambda_identity": cfg.lambda_identity, "seed": cfg.seed,
            "model": asdict(cfg.model), "train": train, "crop": cfg.data.crop_size,
-           "no_flip": cfg.data.no_flip, "data": data_hash, "world": world, "bf16": bf16}
+           "no_flip": cfg.data.no_flip, "data": data_hash}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,20 +115,43 @@ def clear(folder: Path) -> None:
         path.unlink()
 
 
-def load_matching(folder: Path, fingerprint: str, fresh: bool) -> dict[str, Any] | None:
-    """The newest checkpoint of `folder` if it belongs to `fingerprint`, else None.
+def run_folder(root: Path, fingerprint: str) -> Path:
+    return root / fingerprint
 
-    `fresh`, or checkpoints of other params or data, clear the folder first.
+
+def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: bool) -> dict[str, Any] | None:
+    """The newest checkpoint of this run (root/<fingerprint>), or None to start afresh.
+
+    `execution` says how this process runs (world, device, bf16, ...); it is saved with each
+    checkpoint. A different number of processes stops here with one line: the state holds one
+    pool and RNG stream per process. Other differences are resumed, and named.
     """
+    folder = run_folder(root, fingerprint)
     if fresh:
         clear(folder)
     loaded = load_latest(folder)
     if loaded is None:
+        _note_other_runs(root, folder)
         return None
     state, path = loaded
-    if state.get("fingerprint") != fingerprint:
-        print(f"cyclegan train: the checkpoints in {folder} belong to other params or data; starting afresh")
-        clear(folder)
-        return None
-    print(f"cyclegan train: resuming from {path} (epoch {state['epoch'] + 1}, step {state['step']})")
+    before = state.get("execution") or {"world": state.get("world", 1)}
+    if before["world"] != execution["world"]:
+        raise UserError(f"{path} was written by {before['world']} training processes, this run has "
+                        f"{execution['world']}: resume it with {before['world']} (torchrun --nproc_per_node), "
+                        f"or start over with `cyclegan train --fresh`")
+    changed = [f"{k} {before[k]} -> {v}" for k, v in execution.items() if k in before and before[k] != v]
+    print(f"cyclegan train: resuming from {path} (epoch {state['epoch'] + 1}, step {state['step']})"
+          + (f", now with {', '.join(changed)}" if changed else ""))
     return state
+
+
+def _note_other_runs(root: Path, folder: Path) -> None:
+    """Say what else `root` holds: a new run never deletes another's training state."""
+    others = [d for d in root.iterdir() if d.is_dir() and d != folder and list_checkpoints(d)] if root.is_dir() else []
+    legacy = list_checkpoints(root)  # the flat layout of earlier versions
+    if not others and not legacy:
+        return
+    size = sum(f.stat().st_size for d in others for f in list_checkpoints(d)) + sum(f.stat().st_size for f in legacy)
+    what = f"{len(others)} other run{'s' * (len(others) != 1)}" + (" and checkpoints of an earlier version" if legacy else "")
+    print(f"cyclegan train: starting afresh in {folder}; {root} also holds {what} ({size / 2**20:.0f} MiB), "
+          f"kept: delete what you no longer need")

@@ -81,10 +81,15 @@ class TrainConfig:
     # bf16 autocast. "auto": on GPUs that compute bf16 natively (Ampere and later), fp32 on CPU
     # and older GPUs. "bf16": also on CPUs with AVX512-BF16 or AMX, where it makes the 9-block
     # step 1.3-1.7x faster (benchmarks/train_step.py); an error on hardware that would only
-    # emulate it. "fp32": never.
+    # emulate it. "fp32": no autocast; on Ampere and later GPUs cuDNN still runs fp32
+    # convolutions as TF32, torch's default (translate and evaluate run in true fp32).
     precision: str = "auto"
-    # channels_last memory format, on CUDA only: on CPU it made the step slower.
-    channels_last: bool = True
+    # channels_last memory format for the networks and images. Off until measured faster on a
+    # GPU: instance norm and CUDA's reflection pad return NCHW, so every convolution may convert
+    # layouts back and forth (benchmarks/train_step.py --channels-last). Slower on CPU.
+    channels_last: bool = False
+    # torch.compile the networks (inductor; on CPU it needs a C++ compiler and its first step
+    # compiles for a minute or two).
     compile: bool = False
     # cuDNN deterministic + torch deterministic algorithms: bit-reproducible on GPU, slower.
     deterministic: bool = False

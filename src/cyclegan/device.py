@@ -1,18 +1,44 @@
 """Turn device settings into torch terms, shared by every stage: which device, which precision."""
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
 import torch
 
 from .errors import UserError
 
 
 def resolve_device(setting: str, key: str) -> torch.device:
-    """`auto` picks CUDA when visible; asking for CUDA without one is a one-line error naming `key`."""
+    """`auto` picks CUDA when visible; asking for CUDA without one is a one-line error naming `key`.
+
+    So is an NVIDIA GPU that this torch build cannot use (a driver older than its CUDA needs, or a
+    CPU-only build): `auto` would otherwise train on the CPU, for days, without a word.
+    """
+    if setting in ("auto", "cuda") and not torch.cuda.is_available():
+        driver = nvidia_driver()
+        if driver is not None:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+            raise UserError(f"an NVIDIA GPU is installed ({driver}) but torch {torch.__version__}, built for {build}, "
+                            f"cannot use it: update the NVIDIA driver, or install a torch build for your CUDA "
+                            f"(README: GPU drivers); or set {key}: cpu to run on the CPU")
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{key} is 'cuda' but no CUDA device is visible; set {key}: auto or cpu")
     return torch.device(setting)
+
+
+def nvidia_driver(proc: Path = Path("/proc/driver/nvidia/version"), dev: Path = Path("/dev")) -> str | None:
+    """What the kernel says of the NVIDIA driver when one is loaded (a GPU is there), else None."""
+    if proc.is_file():
+        match = re.search(r"Kernel Module\s+([\d.]+)", proc.read_text(errors="replace"))
+        return f"driver {match.group(1)}" if match else "driver version unknown"
+    if any(dev.glob("nvidia[0-9]*")):
+        return "driver version unknown"
+    return None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -47,3 +73,20 @@ def use_bf16(setting: str, device: torch.device, key: str) -> bool:
         raise UserError(f"'{key}' is 'bf16' but {where}, so bf16 would run slower than fp32; "
                         f"set {key}: auto or fp32")
     return False
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 convolutions and matrix products computed in fp32 inside, not TF32.
+
+    On Ampere and later GPUs cuDNN runs fp32 convolutions as TF32 by default (10-bit mantissa
+    products): training with `precision: fp32` does, and so would translation and the Inception
+    features behind FID. Evaluation runs inside this. No effect on CPUs.
+    """
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -14,6 +15,11 @@ import torch.distributed as dist
 
 from .device import resolve_device
 from .errors import UserError
+
+# How long a rank waits in a collective. At epoch ends the other ranks wait in a barrier while
+# rank 0 draws the sample grids and (train.eval_every) scores FID/KID on the test sets, which can
+# take longer than NCCL's default 10 minutes on large test sets.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ def join(device_setting: str) -> tuple[Distributed, torch.device]:
                             f"lower torchrun's --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Distributed(dist.get_rank(), dist.get_world_size()), device
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from . import inception
 from .config import Config
-from .device import resolve_device
+from .device import exact_fp32, resolve_device
 from .errors import UserError
 
 KID_MAX_SUBSET = 1000
@@ -144,11 +144,14 @@ class InceptionScorer:
             save_cpu_ram=True,
         )
         layer = inception.POOL_LAYER
-        feats = extract_featuresdict_from_input_id_cached(1, self.extractor(), **kwargs)[layer]
-        if len(feats) != len(images) and name is not None:
-            # A cache file that does not describe this array (an interrupted or foreign write).
-            (self.cache_root / f"{name}-{inception.FEATURE_EXTRACTOR}-features-{layer}.pt").unlink(missing_ok=True)
+        # True fp32 on GPUs too (cuDNN's default is TF32), so that scores move with the device
+        # no more than they must.
+        with exact_fp32():
             feats = extract_featuresdict_from_input_id_cached(1, self.extractor(), **kwargs)[layer]
+            if len(feats) != len(images) and name is not None:
+                # A cache file that does not describe this array (an interrupted or foreign write).
+                (self.cache_root / f"{name}-{inception.FEATURE_EXTRACTOR}-features-{layer}.pt").unlink(missing_ok=True)
+                feats = extract_featuresdict_from_input_id_cached(1, self.extractor(), **kwargs)[layer]
         return feats.numpy()
 
     def fid_kid(self, fake: np.ndarray, real: np.ndarray, *, cache_fake: bool = False,

@@ -225,6 +225,8 @@ class CycleGAN:
             net.load_state_dict(state["nets"][k])
         self.opt_G.load_state_dict(state["opt_G"])
         self.opt_D.load_state_dict(state["opt_D"])
+        for opt in (self.opt_G, self.opt_D):
+            _give_states_their_parameters_layout(opt)
         self.sched_G.load_state_dict(state["sched_G"])
         self.sched_D.load_state_dict(state["sched_D"])
 
@@ -238,3 +240,18 @@ class CycleGAN:
             pool.load_state_dict(state[key], self.device)
             pool.images = [img.contiguous(memory_format=self.memory_format) for img in pool.images]
         checkpoint.set_rng_state(state["rng"])
+
+
+def _give_states_their_parameters_layout(opt: torch.optim.Optimizer) -> None:
+    """Adam's moments in the memory layout of their parameter.
+
+    load_state_dict keeps the saved strides: moments saved channels_last (as on CUDA) and loaded
+    for contiguous weights (as on CPU), or the reverse, make the fused kernel pair up the wrong
+    elements (CPU, silently) or refuse the layout (CUDA).
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

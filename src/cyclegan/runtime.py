@@ -34,8 +34,9 @@ def configure_torch(cfg: Config, device: torch.device, rank: int) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Strict: an op without a deterministic kernel stops the run with torch's error naming it,
+        # rather than warning while the promise of repeatable runs silently breaks.
+        torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     # Each rank its own stream (dropout, WGAN-GP interpolation); rank 0's equals a single process's.
@@ -46,7 +47,7 @@ def build_model(cfg: Config, device: torch.device, ddp: Distributed) -> CycleGAN
     """CycleGAN as this process runs it: precision, memory layout and wrappers from the params."""
     t, cuda = cfg.train, device.type == "cuda"
     model = CycleGAN(cfg, device, rank=ddp.rank, bf16=use_bf16(t.precision, device, "train.precision"),
-                     memory_format=torch.channels_last if cuda and t.channels_last else torch.contiguous_format)
+                     memory_format=torch.channels_last if t.channels_last else torch.contiguous_format)
     if cuda and t.deterministic:
         for net in model.nets.values():
             use_deterministic_padding(net)
@@ -58,8 +59,8 @@ def build_model(cfg: Config, device: torch.device, ddp: Distributed) -> CycleGAN
             # overwriting them before D's second forward of a step would modify tensors
             # that autograd saved in the first.
             net = DistributedDataParallel(net, device_ids=[device] if cuda else None, forward_sync_buffers=False)
-        return torch.compile(net, dynamic=False) if cuda and t.compile else net
+        return torch.compile(net, dynamic=False) if t.compile else net
 
-    if ddp.active or (cuda and t.compile):
+    if ddp.active or t.compile:
         model.wrap(wrap)
     return model

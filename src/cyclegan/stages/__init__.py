@@ -1,0 +1,1 @@
+"""One module per `cyclegan` command, each a thin driver over the core; no stage imports another."""

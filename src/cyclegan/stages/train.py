@@ -25,6 +25,7 @@ import csv
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,8 @@ class NonFiniteGuard:
 
     NEVER = torch.iinfo(torch.int64).max
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, checkpoints: Path):
+        self.checkpoints = checkpoints
         self.first = torch.full((), self.NEVER, dtype=torch.int64, device=device)
         self.values = torch.zeros(len(LOSS_TERMS), device=device)
 
@@ -82,7 +84,7 @@ class NonFiniteGuard:
             bad = ddp.reduce((~values.isfinite()).to(torch.int32), "max")
             values = torch.where(bad.bool(), torch.nan, values)
         bad_terms = [f"loss_{k} is {v}" for k, v in zip(LOSS_TERMS, values.tolist()) if not math.isfinite(v)]
-        kept = checkpoint.list_checkpoints(paths.CHECKPOINTS)
+        kept = checkpoint.list_checkpoints(self.checkpoints)
         kept_note = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was written"
         raise UserError(f"{', '.join(bad_terms)} at step {step}; training stopped, {kept_note}. "
                         f"Lower train.lr or check the data")
@@ -151,6 +153,20 @@ def _open_dataset(cfg: Config, ddp: Distributed) -> tuple[PreparedDataset, Unpai
     return data, dataset, epoch_size
 
 
+def _open_checkpoint(fp: str, execution: dict[str, Any], fresh: bool, ddp: Distributed) -> dict[str, Any] | None:
+    """Rank 0 reads the run's newest checkpoint and hands it, or its one-line error, to every rank."""
+    found: tuple[dict[str, Any] | None, str | None] = (None, None)
+    if ddp.main:
+        try:
+            found = (checkpoint.open_run(paths.CHECKPOINTS, fp, execution, fresh), None)
+        except UserError as e:
+            found = (None, str(e))
+    state, error = ddp.broadcast(found)
+    if error:
+        raise UserError(error)
+    return state
+
+
 def main(cfg: Config, args=None) -> None:
     ddp, device = join(cfg.train.device)
     try:
@@ -171,8 +187,12 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         total_steps = min(total_steps, t.max_steps)
 
     model = build_model(cfg, device, ddp)
-    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), ddp.world, model.bf16)
-    state = ddp.broadcast(checkpoint.load_matching(paths.CHECKPOINTS, fp, fresh) if ddp.main else None)
+    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""))
+    run_dir = checkpoint.run_folder(paths.CHECKPOINTS, fp)
+    execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
+                 "channels_last": model.memory_format == torch.channels_last,
+                 "deterministic": t.deterministic, "compile": t.compile and device.type == "cuda"}
+    state = _open_checkpoint(fp, execution, fresh, ddp)
     progress, history, run_id = Progress(), [], None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -187,7 +207,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
 
     samples = {"A2B": np.array(data.array("testA")[:cfg.eval.n_samples]),
                "B2A": np.array(data.array("testB")[:cfg.eval.n_samples])}
-    guard = NonFiniteGuard(device)
+    guard = NonFiniteGuard(device, run_dir)
     check_every_step = device.type == "cpu"
 
     def save_checkpoint() -> None:
@@ -201,7 +221,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
             checkpoint.save({"model": model.state_dict(), "ranks": ranks, "epoch": progress.epoch,
                              "position": progress.position, "step": progress.step, "history": history,
                              "mlflow_run_id": run_id, "fingerprint": fp, "config": cfg.to_dict(),
-                             "world": ddp.world}, paths.CHECKPOINTS, progress.step, t.keep_checkpoints)
+                             "world": ddp.world, "execution": execution},
+                            run_dir, progress.step, t.keep_checkpoints)
             _write_losses(history)
 
     def to_device(images: torch.Tensor) -> torch.Tensor:

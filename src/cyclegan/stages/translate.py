@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .. import images, paths
 from ..config import Config
 from ..data import PreparedDataset, dataset_name
-from ..device import resolve_device
+from ..device import exact_fp32, resolve_device
 from ..errors import UserError
 from ..fileio import atomic_dir
 from ..generators import load_generator, translate_array
@@ -73,6 +73,11 @@ def translate_test_sets(cfg: Config, device: torch.device) -> None:
 
 def main(cfg: Config, args=None) -> None:
     device = resolve_device(cfg.eval.device, "eval.device")
+    with exact_fp32():  # no TF32 on GPUs: translations as close to the CPU's as the device allows
+        _translate(cfg, device, args)
+
+
+def _translate(cfg: Config, device: torch.device, args) -> None:
     if args is None or args.input is None:
         translate_test_sets(cfg, device)
         return
