@@ -49,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--authors-baseline", action="store_true",
                    help="also time the step as the authors' code runs it (separate network calls, "
                         "per-tensor Adam), alternating step by step with ours so both see the same load")
+    p.add_argument("--modes", nargs="+", metavar="MODE",
+                   help="time several ways of running the step in alternation, one step of each in turn: "
+                        "fp32, bf16, bf16+channels_last, bf16+compile, fp32+compile, authors (overrides "
+                        "--precision/--compile/--channels-last/--authors-baseline)")
+    p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one size, JSON out
     return p.parse_args(argv)
 
@@ -133,10 +138,113 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
     return out
 
 
+def run_modes(args: argparse.Namespace, size: int) -> dict:
+    """Each mode's model, then one timed step of each in turn, so all see the same conditions.
+
+    On CUDA the peak memory of a mode is that of its steps, with every mode's weights resident.
+    """
+    import torch
+
+    from cyclegan.config import config_from_dict
+    from cyclegan.distributed import Distributed
+    from cyclegan.errors import UserError
+    from cyclegan.model import CycleGAN
+    from cyclegan.runtime import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, cuda = torch.device(args.device), args.device == "cuda"
+    models, results = {}, {}
+    for mode in args.modes:
+        options = set(mode.split("+"))
+        unknown = options - {"fp32", "bf16", "channels_last", "compile", "authors"}
+        if unknown:
+            raise SystemExit(f"--modes {mode}: unknown {sorted(unknown)}")
+        cfg = config_from_dict({
+            "data": {"load_size": size, "crop_size": size},
+            "model": {"netG": args.netG, "netD": args.netD, "ngf": args.ngf, "ndf": args.ndf, "norm": args.norm},
+            "train": {"batch_size": args.batch_size, "device": args.device,
+                      "precision": "bf16" if "bf16" in options else "fp32",
+                      "compile": "compile" in options, "channels_last": "channels_last" in options}})
+        try:
+            if "authors" in options:  # separate network calls, per-tensor Adam, fp32, nothing else
+                model = CycleGAN(cfg, device)
+                model.batch_generators = model.batch_discriminators = False
+                for opt in (model.opt_G, model.opt_D):
+                    for group in opt.param_groups:
+                        group["fused"], group["foreach"] = False, False
+            else:
+                model = build_model(cfg, device, Distributed())
+        except UserError as e:
+            results[mode] = {"error": str(e)}
+            continue
+        gen = torch.Generator().manual_seed(0)
+        shape = (args.batch_size, 3, size, size)
+        batch = [(torch.rand(shape, generator=gen) * 2 - 1).to(device).contiguous(memory_format=model.memory_format)
+                 for _ in range(2)]
+        models[mode] = (model, batch)
+
+    def step(mode: str) -> tuple[float, float]:
+        model, (real_A, real_B) = models[mode]
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        model.train_step(real_A, real_B)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+    for mode in models:  # warm-up: allocator, cuDNN autotuning, compilation
+        for _ in range(args.warmup):
+            step(mode)
+    times: dict[str, list[float]] = {m: [] for m in models}
+    peaks: dict[str, float] = {m: 0.0 for m in models}
+    for _ in range(args.iters):
+        for mode in models:
+            seconds, peak = step(mode)
+            times[mode].append(seconds)
+            peaks[mode] = max(peaks[mode], peak)
+    for mode, t in times.items():
+        t.sort()
+        median = t[len(t) // 2]
+        results[mode] = {"s_per_iter": median, "min_s": t[0], "max_s": t[-1],
+                         "images_per_s": args.batch_size / median,
+                         "peak_gib": peaks[mode] if cuda else max_rss_mib() / 1024}
+    return {"size": size, "device": args.device, "modes": results,
+            "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__}
+
+
+def print_modes(r: dict) -> None:
+    print(f"{'size':>5}  {'mode':<22} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>8} {'peak GiB':>9}")
+    for mode, m in r["modes"].items():
+        if "error" in m:
+            print(f"{r['size']:>5}  {mode:<22} n/a: {m['error']}")
+        else:
+            print(f"{r['size']:>5}  {mode:<22} {m['s_per_iter']:>8.4f} {m['min_s']:>7.4f} {m['max_s']:>7.4f} "
+                  f"{m['images_per_s']:>8.2f} {m['peak_gib']:>9.2f}")
+
+
 def main() -> None:
     args = parse_args()
     if args.child is not None:
-        print(json.dumps(run_one(args, args.child)))
+        print(json.dumps(run_modes(args, args.child) if args.modes else run_one(args, args.child)))
+        return
+    if args.modes:
+        results = []
+        for size in args.sizes:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(size)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{size:>5} failed: {(out.stderr.strip().splitlines() or [out.returncode])[-1]}")
+                results.append({"size": size, "error": out.stderr.strip()[-2000:]})
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print_modes(r)
+            results.append(r)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         return
     load = os.getloadavg()
     print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
