@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--netG", default="resnet_9blocks")
     p.add_argument("--netD", default="basic")
     p.add_argument("--ngf", type=int, default=64)
@@ -69,7 +69,7 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
     from cyclegan.distributed import Distributed
     from cyclegan.errors import UserError
     from cyclegan.model import CycleGAN
-    from cyclegan.runtime import build_model
+    from cyclegan.runtime import build_model, configure_torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +82,7 @@ def run_one(args: argparse.Namespace, size: int) -> dict:
                       "compile": args.compile, "channels_last": args.channels_last},
         })
         device = torch.device(args.device)
+        configure_torch(cfg, device, rank=0)  # as training does: cuDNN autotuning on CUDA
         model = build_model(cfg, device, Distributed())
     except UserError as e:
         return {"size": size, "error": str(e)}
@@ -149,11 +150,12 @@ def run_modes(args: argparse.Namespace, size: int) -> dict:
     from cyclegan.distributed import Distributed
     from cyclegan.errors import UserError
     from cyclegan.model import CycleGAN
-    from cyclegan.runtime import build_model
+    from cyclegan.runtime import build_model, configure_torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device, cuda = torch.device(args.device), args.device == "cuda"
+    configure_torch(config_from_dict({"train": {"device": args.device}}), device, rank=0)  # as training does
     models, results = {}, {}
     for mode in args.modes:
         options = set(mode.split("+"))

@@ -9,76 +9,22 @@ calls up to date; one too many, and a change there would rerun a stage for nothi
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cyclegan import sources
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-PACKAGE = "cyclegan"
-STAGES_PACKAGE = f"{PACKAGE}.stages"
-
-
-def module_file(name: str) -> Path | None:
-    """The source file of module `name` under src/, or None if it is not a module there."""
-    base = SRC.joinpath(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SRC).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imported_modules(path: Path) -> set[str]:
-    """The modules of this project that `path` imports, anywhere in its code."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            found.add(target)
-            # `from . import paths` imports a module; `from .config import Config` a name.
-            found.update(f"{target}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] == PACKAGE and module_file(m) is not None}
-
-
-def with_packages(modules: set[str]) -> set[str]:
-    """Importing a.b.c runs a/__init__.py and a/b/__init__.py first."""
-    out = set(modules)
-    for m in modules:
-        parts = m.split(".")
-        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return out
-
-
-def import_closure(start: set[str]) -> set[Path]:
-    seen: set[str] = set()
-    todo = with_packages(start)
-    while todo:
-        m = todo.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        todo |= with_packages(imported_modules(module_file(m))) - seen
-    return {module_file(m) for m in seen}
+STAGES_PACKAGE = f"{sources.PACKAGE}.stages"
 
 
 def stage_closure(stage: str) -> set[str]:
     """The files under src/ that `cyclegan <stage>` runs, as dvc.yaml paths."""
-    files = import_closure({f"{PACKAGE}.cli", f"{STAGES_PACKAGE}.{stage}"})
-    return {str(f.relative_to(ROOT)) for f in files}
+    return {str(f.relative_to(ROOT)) for f in sources.command_sources(stage, SRC)}
 
 
 def dvc_stages() -> dict:
@@ -110,24 +56,44 @@ def python_files(folder: Path) -> list[Path]:
 
 
 def test_stages_do_not_import_each_other():
-    for path in python_files(SRC / PACKAGE / "stages"):
-        others = {m for m in imported_modules(path) if m.startswith(f"{STAGES_PACKAGE}.")} - {module_name(path)}
+    for path in python_files(SRC / sources.PACKAGE / "stages"):
+        others = ({m for m in sources.imported_modules(path, SRC) if m.startswith(f"{STAGES_PACKAGE}.")}
+                  - {sources.module_name(path, SRC)})
         assert not others, f"{path.relative_to(ROOT)} imports the stage modules {sorted(others)}: move what they share to the core"
 
 
 def _imports_stages(path: Path) -> bool:
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-        if any(n == STAGES_PACKAGE or n.startswith(f"{STAGES_PACKAGE}.") for n in names):
-            return True
-        if isinstance(node, ast.ImportFrom) and node.level and "stages" in (node.module or "").split("."):
-            return True
-    return False
+    """Whether `path` imports the stages package or a stage module, relatively or not."""
+    if path.is_relative_to(SRC):
+        found = sources.imported_modules(path, SRC)
+    else:  # benchmarks: absolute imports only
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.update({node.module, *(f"{node.module}.{a.name}" for a in node.names)})
+    return any(m == STAGES_PACKAGE or m.startswith(f"{STAGES_PACKAGE}.") for m in found)
 
 
 def test_nothing_outside_the_stages_imports_them_but_the_cli():
-    outside = [p for p in python_files(SRC / PACKAGE) if "stages" not in p.relative_to(SRC / PACKAGE).parts]
+    package = SRC / sources.PACKAGE
+    outside = [p for p in python_files(package) if "stages" not in p.relative_to(package).parts]
     outside += python_files(ROOT / "benchmarks")
     offenders = [str(p.relative_to(ROOT)) for p in outside if p.name != "cli.py" and _imports_stages(p)]
     assert not offenders, f"these import stage modules: {offenders}; import the core instead"
+
+
+def test_the_code_hash_follows_the_train_stage_s_closure_and_nothing_else(tmp_path):
+    """The train stage's code is part of a run's fingerprint: a change to a file it runs starts
+    a new run (DVC reruns the stage for it), a change elsewhere does not."""
+    copy = tmp_path / "src"
+    shutil.copytree(SRC / sources.PACKAGE, copy / sources.PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+    before = sources.sources_sha256("train", copy)
+    assert before == sources.sources_sha256("train", SRC)
+    report = copy / sources.PACKAGE / "stages" / "report.py"
+    report.write_text(report.read_text() + "\n# a change train does not run\n")
+    assert sources.sources_sha256("train", copy) == before
+    losses = copy / sources.PACKAGE / "losses.py"
+    losses.write_text(losses.read_text() + "\n# a change train runs\n")
+    assert sources.sources_sha256("train", copy) != before

@@ -17,6 +17,7 @@ import torch
 
 from cyclegan import fid_kid, inception
 from cyclegan.config import config_from_dict
+from cyclegan.device import exact_fp32
 from cyclegan.distributed import Distributed
 from cyclegan.generators import translate_array
 from cyclegan.model import LOSS_TERMS, CycleGAN
@@ -118,23 +119,26 @@ def test_a_cuda_checkpoint_resumes_on_cpu_and_a_cpu_one_on_cuda():
     continued_on_gpu = copy.deepcopy(gpu)
     cpu.train_step(*batch(CPU, seed=1))
     continued_on_gpu.train_step(*batch(CUDA, gpu.memory_format, seed=1))
+    # atol 2.5 lr: Adam turns the rounding noise of gradients that are 0 in exact arithmetic (the
+    # biases feeding InstanceNorm) into updates of up to lr (see helpers.assert_same_gradients).
     for k, v in _weights(continued_on_gpu).items():
-        torch.testing.assert_close(_weights(cpu)[k], v, rtol=1e-3, atol=1e-4, msg=k)
+        torch.testing.assert_close(_weights(cpu)[k], v, rtol=1e-3, atol=5e-4, msg=k)
 
     back = build_model(cfg, CUDA, Distributed())  # channels_last on CUDA: the fused kernel checks layouts
     back.load_state_dict(torch.load(_saved(cpu), map_location="cuda", weights_only=True))
     back.train_step(*batch(CUDA, back.memory_format, seed=2))
     cpu.train_step(*batch(CPU, seed=2))
     for k, v in _weights(cpu).items():
-        torch.testing.assert_close(_weights(back)[k], v, rtol=1e-3, atol=1e-4, msg=k)
+        torch.testing.assert_close(_weights(back)[k], v, rtol=1e-3, atol=1e-3, msg=k)
 
 
 def test_translation_and_fid_on_cuda_equal_the_cpu_s(inception_cache):
     cpu_model = CycleGAN(config_from_dict(params(precision="fp32")), CPU)
     G = cpu_model.nets["G_A"].eval()
     images = (np.random.default_rng(0).random((6, SIZE, SIZE, 3)) * 255).astype(np.uint8)
-    on_cpu = translate_array(G, images, 4, CPU)
-    on_gpu = translate_array(copy.deepcopy(G).to(CUDA), images, 4, CUDA)
+    with exact_fp32():  # as the translate stage runs
+        on_cpu = translate_array(G, images, 4, CPU)
+        on_gpu = translate_array(copy.deepcopy(G).to(CUDA), images, 4, CUDA)
     assert np.abs(on_cpu.astype(int) - on_gpu.astype(int)).max() <= 2
 
     weights = inception.resolve("auto")

@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-from cyclegan import checkpoint, paths
+from cyclegan import checkpoint, paths, sources
 from cyclegan.config import config_from_dict
 from cyclegan.data import MANIFEST
 from cyclegan.errors import UserError
 from cyclegan.model import CycleGAN
-from helpers import (TRAIN_PARAMS, generator_weights, make_project, run_dir, merge, mlflow_client, project_env, read_losses, run_id,
-                     run_train, set_params)
+from helpers import (TRAIN_PARAMS, enter_project, generator_weights, make_project, merge, mlflow_client,
+                     project_env, read_losses, run_checkpoints, run_dir, run_id, run_train, set_params)
 
 # 2 epochs of 12 steps; checkpoints every 3 steps, the last 2 kept.
 PARAMS = {"train": {"checkpoint_every": 3}}
@@ -116,7 +116,8 @@ def test_stopped_run_continues_exactly_and_keeps_its_mlflow_run(project, uninter
 def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):
     make_project(project, **merge(PARAMS, {"train": {"max_steps": 10}}))
     params = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()))
-    folder = checkpoint.run_folder(paths.CHECKPOINTS, checkpoint.fingerprint(params, prepared_hash()))
+    fingerprint = checkpoint.fingerprint(params, prepared_hash(), sources.sources_sha256("train"))
+    folder = checkpoint.run_folder(paths.CHECKPOINTS, fingerprint)
     stale = folder / ".step_000000003.pt.x1y2.tmp"  # left by a killed write
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"partial")
@@ -187,6 +188,19 @@ def test_another_number_of_processes_stops_with_one_line(project):
     assert str(newest) in message and "2 training processes" in message and "--fresh" in message
     assert "\n" not in message
     assert newest.exists()
+
+
+def test_another_precision_setting_is_another_run(project, capsys):
+    """`dvc exp run -S train.precision=bf16` asks for a model trained in bf16: a finished fp32
+    run must not be handed back for it (on CPU auto is fp32 too, but it is another setting)."""
+    params = make_project(project, **merge(PARAMS, {"train": {"max_steps": 3, "precision": "fp32"}}))
+    run_train()
+    set_params(project, merge(params, {"train": {"precision": "auto"}}))
+    capsys.readouterr()
+    run_train()
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "also holds 1 other run" in out
+    assert [r["step"] for r in read_losses()] == ["1", "2", "3"]
 
 
 def test_a_run_resumes_under_other_execution_settings_and_says_so(project, capsys):
@@ -267,3 +281,27 @@ def _to_layout(obj, memory_format):
     if isinstance(obj, list):
         return [_to_layout(v, memory_format) for v in obj]
     return obj
+
+
+def test_resuming_after_the_pools_filled_restores_them_and_their_random_stream(tmp_path, monkeypatch, capsys):
+    """With pool_size 2 the pools are full after 2 steps and swap from then on: a run stopped at
+    step 9 and resumed must hand D the same pooled fakes as an uninterrupted run (a pool left
+    empty on resume would return each new fake as it is, and change every loss after)."""
+    params = merge(PARAMS, {"train": {"pool_size": 2, "checkpoint_every": 100}})
+    reference, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    reference.mkdir()
+    resumed.mkdir()
+    make_project(reference, **params)
+    with pytest.MonkeyPatch.context() as mp:
+        enter_project(mp, reference)
+        run_train()
+    written = make_project(resumed, **merge(params, {"train": {"max_steps": 9}}))
+    enter_project(monkeypatch, resumed)
+    run_train()
+    state = torch.load(run_checkpoints()[-1], weights_only=True)
+    pool = state["ranks"][0]["pool_A"]
+    assert state["step"] == 9 and pool["images"].shape[0] == 2  # full, and swapping since step 3
+    set_params(resumed, merge(written, {"train": {"max_steps": 0}}))
+    run_train()
+    assert f"resuming from {run_dir() / 'step_000000009.pt'}" in capsys.readouterr().out
+    assert_same_run(outputs(resumed), outputs(reference))

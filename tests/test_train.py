@@ -354,19 +354,22 @@ def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
 
 def test_fingerprint_covers_what_defines_the_run_and_nothing_else():
     def fp(**overrides) -> str:
-        return checkpoint.fingerprint(config_from_dict(merge(TRAIN_PARAMS, overrides)), "data-hash")
+        return checkpoint.fingerprint(config_from_dict(merge(TRAIN_PARAMS, overrides)), "data-hash", "code-hash")
 
     base = fp()
-    # Where and how it runs, and how often it logs or saves, may change on resumption: precision,
-    # memory layout and deterministic kernels change the rounding, not the model being trained.
+    # Where and how it runs, and how often it logs or saves, may change on resumption: the memory
+    # layout, compilation and deterministic kernels change the rounding, not the model trained.
     for overrides in ({"train": {"threads": 2}}, {"train": {"log_every": 7}}, {"train": {"checkpoint_every": 9}},
-                      {"train": {"max_steps": 3}}, {"train": {"precision": "bf16"}}, {"train": {"precision": "fp32"}},
-                      {"train": {"channels_last": False}}, {"train": {"deterministic": True}},
+                      {"train": {"max_steps": 3}},
+                      {"train": {"channels_last": True}}, {"train": {"deterministic": True}},
                       {"train": {"compile": True}}, {"train": {"device": "cuda"}},
                       {"train": {"keep_checkpoints": 5}}, {"train": {"eval_every": 1}}):
         assert fp(**overrides) == base, overrides
-    for changed in (fp(lambda_cycle=5.0), fp(lambda_identity=0.0), fp(seed=1), fp(train={"lr": 0.001}),
+    # The precision setting is in it (bf16 is other arithmetic), not what `auto` resolves to.
+    for changed in (fp(train={"precision": "bf16"}), fp(train={"precision": "fp32"}), fp(lambda_cycle=5.0),
+                    fp(lambda_identity=0.0), fp(seed=1), fp(train={"lr": 0.001}),
                     fp(train={"batch_size": 2}), fp(train={"pool_size": 3}), fp(model={"ngf": 16}),
                     fp(data={"crop_size": 24}), fp(data={"no_flip": True}),
-                    checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "other-data")):
+                    checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "other-data", "code-hash"),
+                    checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "data-hash", "other-code")):
         assert changed != base

@@ -57,6 +57,21 @@ def test_test_sets_both_ways_match_the_generators(generators_and_test_sets):
     np.testing.assert_array_equal(np.asarray(Image.open(a2b[2])), expected)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"eval": {"full_resolution": True}}])
+def test_translation_runs_in_true_fp32(generators_and_test_sets, monkeypatch, overrides):
+    """No TF32 on GPUs: the stage computes inside device.exact_fp32 (on a CPU the flags alone show it)."""
+    cfg, _ = generators_and_test_sets(**overrides)
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return translate_array(*args, **kwargs)
+
+    monkeypatch.setattr(translate, "translate_array", recording)
+    translate.main(cfg, None)
+    assert seen and set(seen) == {("ieee", "ieee")}
+
+
 def test_full_resolution_keeps_each_size_rounded_to_multiples_of_4(generators_and_test_sets):
     cfg, _ = generators_and_test_sets(eval={"full_resolution": True})
     translate.main(cfg, None)

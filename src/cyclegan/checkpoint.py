@@ -10,7 +10,7 @@ Files are written atomically (a temp file renamed into place), so a run killed m
 the previous checkpoints intact; `load_latest` also skips a newest file that does not load.
 
 Each run keeps its checkpoints in a folder of its own, models/checkpoints/<fingerprint>/, named by
-what defines the result (`fingerprint`: the params and data). A run of other params starts in
+what defines the result (`fingerprint`: the params, the data and the training code). A run of other params starts in
 its own folder and leaves the others as they are; nothing is deleted but by `--fresh`, which
 clears this run's folder. How the run executes (precision, memory layout, deterministic kernels,
 device) may change between a run and its resumption; the number of processes may not, since each
@@ -35,23 +35,27 @@ from .fileio import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
 # Params that define what is trained are in the fingerprint; these (logging, checkpoint cadence,
-# where and how it runs) may change between a run and its resumption.
+# where it runs, and options that change the rounding but not the arithmetic) may change between a
+# run and its resumption. The precision setting is in the fingerprint: bf16 is other arithmetic,
+# and `dvc exp run -S train.precision=bf16` asks for a model trained so; but `auto`, whatever it
+# resolves to on the machine at hand, resumes `auto`.
 NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                             "eval_every", "max_steps", "compile", "precision", "channels_last",
-                             "deterministic")
+                             "eval_every", "max_steps", "compile", "channels_last", "deterministic")
 
 
-def fingerprint(cfg: Config, data_hash: str) -> str:
-    """The run a checkpoint belongs to: every param that defines what is trained, and the data.
+def fingerprint(cfg: Config, data_hash: str, code_hash: str) -> str:
+    """The run a checkpoint belongs to: every param that defines what is trained, the data, and
+    the code that trains it (cyclegan.sources: a change there makes DVC rerun the stage, and a
+    resumed run would mix two versions of the algorithm).
 
-    Not how it executes: bf16 autocast, channels_last or deterministic kernels round differently
-    but train the same model, so a run may resume under other settings (on a GPU after a CPU
-    start, say).
+    Not how it executes: the device, channels_last, compile or deterministic kernels round
+    differently but train the same model, so a run may resume under other settings; so may
+    `precision: auto` on a GPU (bf16) after a CPU start (fp32).
     """
     train = {k: v for k, v in asdict(cfg.train).items() if k not in NON_SEMANTIC_TRAIN_PARAMS}
     key = {"lambda_cycle": cfg.lambda_cycle, "lambda_identity": cfg.lambda_identity, "seed": cfg.seed,
            "model": asdict(cfg.model), "train": train, "crop": cfg.data.crop_size,
-           "no_flip": cfg.data.no_flip, "data": data_hash}
+           "no_flip": cfg.data.no_flip, "data": data_hash, "code": code_hash}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -138,7 +142,7 @@ def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: boo
     if before["world"] != execution["world"]:
         raise UserError(f"{path} was written by {before['world']} training processes, this run has "
                         f"{execution['world']}: resume it with {before['world']} (torchrun --nproc_per_node), "
-                        f"or start over with `cyclegan train --fresh`")
+                        f"or start over with `cyclegan train --fresh`, which deletes this run's checkpoints")
     changed = [f"{k} {before[k]} -> {v}" for k, v in execution.items() if k in before and before[k] != v]
     print(f"cyclegan train: resuming from {path} (epoch {state['epoch'] + 1}, step {state['step']})"
           + (f", now with {', '.join(changed)}" if changed else ""))

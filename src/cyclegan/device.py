@@ -1,6 +1,7 @@
 """Turn device settings into torch terms, shared by every stage: which device, which precision."""
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,8 @@ def resolve_device(setting: str, key: str) -> torch.device:
     So is an NVIDIA GPU that this torch build cannot use (a driver older than its CUDA needs, or a
     CPU-only build): `auto` would otherwise train on the CPU, for days, without a word.
     """
-    if setting in ("auto", "cuda") and not torch.cuda.is_available():
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")  # GPUs hidden on purpose
+    if setting in ("auto", "cuda") and not hidden and not torch.cuda.is_available():
         driver = nvidia_driver()
         if driver is not None:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"

@@ -128,7 +128,7 @@ class InceptionScorer:
         import torch_fidelity
 
         return (f"cyclegan-{array_sha256(images)[:24]}-w{self.weights.sha256[:12]}"
-                f"-tf{torch_fidelity.__version__}-{self.device}")
+                f"-tf{torch_fidelity.__version__}-{self.device}-ieee")  # true fp32, see `features`
 
     def features(self, images: np.ndarray, cache: bool) -> np.ndarray:
         """(N, 2048) pool features of uint8 (N, H, W, 3) images; cached by content if `cache`."""

@@ -29,7 +29,7 @@ from .. import paths, tracking
 from ..comparison import Comparison, load_mlflow, plot_png, select
 from ..config import Config
 from ..data import PreparedDataset
-from ..device import resolve_device
+from ..device import exact_fp32, resolve_device
 from ..errors import UserError
 from ..figures import SAMPLE_ROWS, figure_png, png_bytes, pyplot, sample_grid
 from ..fileio import atomic_path, write_text
@@ -143,7 +143,8 @@ def read_local_inputs(cfg: Config) -> Inputs:
         for direction, split, forward, backward in (("A2B", "testA", G_A, G_B), ("B2A", "testB", G_B, G_A)):
             images = np.array(data.array(split)[:n])
             if len(images):
-                samples[direction] = png_bytes(sample_grid(images, forward, backward, device))
+                with exact_fp32():  # as translate computes them
+                    samples[direction] = png_bytes(sample_grid(images, forward, backward, device))
 
     inputs = Inputs(cfg=cfg, train=_read_json(paths.TRAIN_METRICS, "train"),
                     evaluation=_read_json(paths.EVAL_METRICS, "evaluate"),

@@ -33,9 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import checkpoint, paths, tracking
+from .. import checkpoint, paths, sources, tracking
 from ..config import Config
 from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet
+from ..device import exact_fp32
 from ..distributed import Distributed, join, leave
 from ..errors import UserError
 from ..fid_kid import fid_kid
@@ -93,7 +94,7 @@ class NonFiniteGuard:
 # --- outputs --------------------------------------------------------------------------------------
 
 def _log_sample_grids(mlflow, model: CycleGAN, samples: dict[str, np.ndarray], epoch: int) -> None:
-    with model.inference():
+    with model.inference(), exact_fp32():
         for direction, (forward, backward) in (("A2B", ("G_A", "G_B")), ("B2A", ("G_B", "G_A"))):
             grid = sample_grid(samples[direction], model.nets[forward], model.nets[backward], model.device)
             mlflow.log_image(grid, f"samples/{direction}/epoch_{epoch:04d}.png")
@@ -103,7 +104,7 @@ def _fid_kid(model: CycleGAN, cfg: Config, test_A: np.ndarray, test_B: np.ndarra
     """FID/KID of the test sets' translations, as the evaluate stage scores them."""
     out: dict[str, float] = {}
     for direction, G, source, reference in (("A2B", "G_A", test_A, test_B), ("B2A", "G_B", test_B, test_A)):
-        with model.inference():
+        with model.inference(), exact_fp32():  # as the translate stage computes them
             fake = translate_array(model.nets[G], source, cfg.eval.batch_size, model.device)
         scores = fid_kid(fake, reference, cfg)
         out[f"train_fid_{direction}"] = scores["fid"]
@@ -187,11 +188,11 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         total_steps = min(total_steps, t.max_steps)
 
     model = build_model(cfg, device, ddp)
-    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""))
+    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), sources.sources_sha256("train"))
     run_dir = checkpoint.run_folder(paths.CHECKPOINTS, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
                  "channels_last": model.memory_format == torch.channels_last,
-                 "deterministic": t.deterministic, "compile": t.compile and device.type == "cuda"}
+                 "deterministic": t.deterministic, "compile": t.compile}
     state = _open_checkpoint(fp, execution, fresh, ddp)
     progress, history, run_id = Progress(), [], None
     if state is not None:
