@@ -96,3 +96,10 @@ def test_ranks_wait_for_rank_0_s_evaluation_longer_than_nccl_s_default(monkeypat
     ddp, dev = distributed.join("cpu")
     assert (ddp.rank, ddp.world, dev.type, seen["backend"]) == (1, 2, "cpu", "gloo")
     assert seen["timeout"] >= timedelta(hours=1)  # NCCL's default is 10 minutes
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_auto_precision_is_fp32_until_bf16_is_shown_to_train_as_well(where):
+    # README, "bf16 against fp32": no measured evidence on a GPU yet, so auto is fp32 everywhere.
+    assert device.use_bf16("auto", torch.device(where), "train.precision") is False
+    assert device.use_bf16("fp32", torch.device(where), "train.precision") is False

@@ -156,6 +156,8 @@ def _note_other_runs(root: Path, folder: Path) -> None:
     if not others and not legacy:
         return
     size = sum(f.stat().st_size for d in others for f in list_checkpoints(d)) + sum(f.stat().st_size for f in legacy)
-    what = f"{len(others)} other run{'s' * (len(others) != 1)}" + (" and checkpoints of an earlier version" if legacy else "")
+    parts = [f"{len(others)} other run{'s' * (len(others) != 1)}"] if others else []
+    parts += ["checkpoints of an earlier version"] if legacy else []
+    what = " and ".join(parts)
     print(f"cyclegan train: starting afresh in {folder}; {root} also holds {what} ({size / 2**20:.0f} MiB), "
           f"kept: delete what you no longer need")

@@ -78,11 +78,11 @@ class TrainConfig:
     device: str = "auto"
     # CPU threads for torch; 0 keeps torch's default.
     threads: int = 0
-    # bf16 autocast. "auto": on GPUs that compute bf16 natively (Ampere and later), fp32 on CPU
-    # and older GPUs. "bf16": also on CPUs with AVX512-BF16 or AMX, where it makes the 9-block
-    # step 1.3-1.7x faster (benchmarks/train_step.py); an error on hardware that would only
-    # emulate it. "fp32": no autocast; on Ampere and later GPUs cuDNN still runs fp32
-    # convolutions as TF32, torch's default (translate and evaluate run in true fp32).
+    # "auto": fp32 (on Ampere and later GPUs cuDNN runs fp32 convolutions as TF32, torch's
+    # default; translate and evaluate run in true fp32) until evidence shows bf16 trains as well
+    # (README: bf16 against fp32). "bf16": bf16 autocast, on GPUs with native bf16 and on CPUs with
+    # AVX512-BF16 or AMX (there 1.3-1.7x faster for the 9-block network, slower for small ones);
+    # an error on hardware that would only emulate it. "fp32": no autocast.
     precision: str = "auto"
     # channels_last memory format for the networks and images. Off until measured faster on a
     # GPU: instance norm and CUDA's reflection pad return NCHW, so every convolution may convert
