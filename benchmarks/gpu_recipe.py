@@ -72,7 +72,7 @@ def train(args: argparse.Namespace, prepared: Path) -> tuple[object, dict]:
     from torch.utils.data import DataLoader
 
     from cyclegan.config import config_from_dict
-    from cyclegan.data import PositionSampler, PreparedDataset, UnpairedTrainSet
+    from cyclegan.data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
     from cyclegan.distributed import Distributed
     from cyclegan.runtime import build_model, configure_torch
 
@@ -88,9 +88,8 @@ def train(args: argparse.Namespace, prepared: Path) -> tuple[object, dict]:
         loader = DataLoader(dataset, batch_size=1, sampler=PositionSampler(len(dataset)),
                             num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False)
         for real_A, real_B in loader:
-            real_A, real_B = (x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                              .contiguous(memory_format=model.memory_format) for x in (real_A, real_B))
-            losses = model.train_step(real_A, real_B)
+            losses = model.train_step(batch_to_device(real_A, device, model.memory_format),
+                                      batch_to_device(real_B, device, model.memory_format))
             steps += 1
             if steps % 200 == 0 and time.perf_counter() - start >= budget:
                 break
@@ -127,17 +126,12 @@ def score(fakes: dict[str, np.ndarray], prepared: Path, device: str) -> dict:
 
     from cyclegan import inception
     from cyclegan.data import PreparedDataset
-    from cyclegan.fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, fid_kid_from_features, kid_subset_size
+    from cyclegan.fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, translation_scores
 
     data = PreparedDataset.open(prepared)
     real = {"A": np.asarray(data.array("testA")), "B": np.asarray(data.array("testB"))}
     scorer = InceptionScorer(inception.resolve("auto"), device)
-    feats = {"A2B": scorer.features(fakes["A2B"], cache=False), "B2A": scorer.features(fakes["B2A"], cache=False),
-             "A": scorer.features(real["A"], cache=False), "B": scorer.features(real["B"], cache=False)}
-    out: dict = {}
-    for name, (x, y) in {"A2B": ("A2B", "B"), "B2A": ("B2A", "A"), "baseline": ("A", "B")}.items():
-        s = fid_kid_from_features(feats[x], feats[y], kid_subset_size(len(feats[x]), len(feats[y])))
-        out[f"fid_{name}"], out[f"kid_{name}"] = s["fid"], s["kid"]
+    out: dict = dict(translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["A"], real["B"], cache_reals=False)[0])
     out["protocol"] = {"implementation": f"torch-fidelity {torch_fidelity.__version__}",
                        "weights": scorer.weights.describe(), "image_size": list(real["A"].shape[1:3]),
                        "counts": {"testA": len(real["A"]), "testB": len(real["B"])},

@@ -3,10 +3,10 @@
     python benchmarks/train_step.py --threads 2 --netG resnet_9blocks --ngf 64 --sizes 64 128 256
 
 Each size runs in its own process, so the peak memory of one size is not the high-water mark
-of a previous one. CPU peak memory is the process's maximum resident set (it includes ~0.3 GB of
-interpreter and libraries, shown apart as "base"); CUDA peak memory is
-torch.cuda.max_memory_allocated. Inputs are random images; the step is the one `cyclegan train`
-runs (cyclegan.model.CycleGAN.train_step, set up by the train stage's build_model), with the pools
+of a previous one. CPU peak memory is the process's maximum resident set (it includes ~0.5 GB of
+interpreter and libraries, and every mode's model); CUDA peak memory is that of each mode's
+steps (torch.cuda.max_memory_allocated, every mode's weights resident). Inputs are random images; the step is the one `cyclegan train`
+runs (cyclegan.model.CycleGAN.train_step, set up as training does by cyclegan.runtime), with the pools
 and optimizers it uses.
 
 Reference, the authors' code on a 2-core CPU (2 threads, resnet_9blocks, ngf 64, batch 1):
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="train.precision: auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also on CPU")
+                   help="train.precision: auto and fp32 = fp32 (TF32 convolutions on GPUs), bf16 = bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--netG", default="resnet_9blocks")
@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "per-tensor Adam), alternating step by step with ours so both see the same load")
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="time several ways of running the step in alternation, one step of each in turn: "
-                        "fp32, bf16, bf16+channels_last, bf16+compile, fp32+compile, authors (overrides "
-                        "--precision/--compile/--channels-last/--authors-baseline)")
+                        "fp32, bf16, bf16+channels_last, bf16+compile, fp32+separate, authors, ... (default: "
+                        "the one --precision/--compile/--channels-last/--separate-calls name, and authors "
+                        "with --authors-baseline)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one size, JSON out
     return p.parse_args(argv)
@@ -60,83 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def run_one(args: argparse.Namespace, size: int) -> dict:
-    import torch
-
-    from cyclegan.config import config_from_dict
-    from cyclegan.distributed import Distributed
-    from cyclegan.errors import UserError
-    from cyclegan.model import CycleGAN
-    from cyclegan.runtime import build_model, configure_torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base_rss = max_rss_mib()
-    try:
-        cfg = config_from_dict({
-            "data": {"load_size": size, "crop_size": size},
-            "model": {"netG": args.netG, "netD": args.netD, "ngf": args.ngf, "ndf": args.ndf, "norm": args.norm},
-            "train": {"batch_size": args.batch_size, "device": args.device, "precision": args.precision,
-                      "compile": args.compile, "channels_last": args.channels_last},
-        })
-        device = torch.device(args.device)
-        configure_torch(cfg, device, rank=0)  # as training does: cuDNN autotuning on CUDA
-        model = build_model(cfg, device, Distributed())
-    except UserError as e:
-        return {"size": size, "error": str(e)}
-    cuda = device.type == "cuda"
-    if args.separate_calls:
-        model.batch_generators = model.batch_discriminators = False
-    baseline = None
-    if args.authors_baseline:
-        baseline = CycleGAN(cfg, device)  # fp32, no channels_last, no compile: the authors' code has none
-        baseline.batch_generators = baseline.batch_discriminators = False
-        for opt in (baseline.opt_G, baseline.opt_D):
-            for group in opt.param_groups:
-                group["fused"], group["foreach"] = False, False
-    gen = torch.Generator().manual_seed(0)
-    shape = (args.batch_size, 3, size, size)
-    real_A = (torch.rand(shape, generator=gen) * 2 - 1).to(device).contiguous(memory_format=model.memory_format)
-    real_B = (torch.rand(shape, generator=gen) * 2 - 1).to(device).contiguous(memory_format=model.memory_format)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    def timed(m: CycleGAN) -> float:
-        start = time.perf_counter()
-        m.train_step(real_A, real_B)
-        sync()
-        return time.perf_counter() - start
-
-    for _ in range(args.warmup):
-        model.train_step(real_A, real_B)
-        if baseline:
-            baseline.train_step(real_A, real_B)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, baseline_times = [], []
-    for _ in range(args.iters):
-        times.append(timed(model))
-        if baseline:
-            baseline_times.append(timed(baseline))
-    times.sort()
-    median = times[len(times) // 2]
-    out = {
-        "size": size, "s_per_iter": median, "min_s": times[0], "max_s": times[-1],
-        "images_per_s": args.batch_size / median,
-        # With --authors-baseline the process holds two models: the peak covers both.
-        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else max_rss_mib(),
-        "base_mib": 0.0 if cuda else base_rss,
-        "threads": torch.get_num_threads(),
-    }
-    if baseline_times:
-        baseline_times.sort()
-        out["baseline_s_per_iter"] = baseline_times[len(baseline_times) // 2]
-    return out
 
 
 def run_modes(args: argparse.Namespace, size: int) -> dict:
@@ -159,7 +83,7 @@ def run_modes(args: argparse.Namespace, size: int) -> dict:
     models, results = {}, {}
     for mode in args.modes:
         options = set(mode.split("+"))
-        unknown = options - {"fp32", "bf16", "channels_last", "compile", "authors"}
+        unknown = options - {"fp32", "bf16", "channels_last", "compile", "separate", "authors"}
         if unknown:
             raise SystemExit(f"--modes {mode}: unknown {sorted(unknown)}")
         cfg = config_from_dict({
@@ -177,6 +101,8 @@ def run_modes(args: argparse.Namespace, size: int) -> dict:
                         group["fused"], group["foreach"] = False, False
             else:
                 model = build_model(cfg, device, Distributed())
+                if "separate" in options:  # no batching of one network's calls: 6 G and 4 D calls
+                    model.batch_generators = model.batch_discriminators = False
         except UserError as e:
             results[mode] = {"error": str(e)}
             continue
@@ -218,62 +144,51 @@ def run_modes(args: argparse.Namespace, size: int) -> dict:
 
 
 def print_modes(r: dict) -> None:
-    print(f"{'size':>5}  {'mode':<22} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>8} {'peak GiB':>9}")
+    reference = OFFICIAL_CPU_S_PER_ITER.get(r["size"]) if r["device"] == "cpu" else None
     for mode, m in r["modes"].items():
         if "error" in m:
             print(f"{r['size']:>5}  {mode:<22} n/a: {m['error']}")
         else:
             print(f"{r['size']:>5}  {mode:<22} {m['s_per_iter']:>8.4f} {m['min_s']:>7.4f} {m['max_s']:>7.4f} "
-                  f"{m['images_per_s']:>8.2f} {m['peak_gib']:>9.2f}")
+                  f"{m['images_per_s']:>8.2f} {m['peak_gib']:>9.2f}  {reference or '-'}")
+
+
+def default_modes(args: argparse.Namespace) -> list[str]:
+    """The mode the single-setting flags name, and the authors' way with --authors-baseline."""
+    ours = "+".join(["bf16" if args.precision == "bf16" else "fp32"]
+                    + [name for name, on in (("channels_last", args.channels_last), ("compile", args.compile),
+                                             ("separate", args.separate_calls)) if on])
+    return [ours, "authors"] if args.authors_baseline else [ours]
 
 
 def main() -> None:
     args = parse_args()
+    args.modes = args.modes or default_modes(args)
     if args.child is not None:
-        print(json.dumps(run_modes(args, args.child) if args.modes else run_one(args, args.child)))
-        return
-    if args.modes:
-        results = []
-        for size in args.sizes:
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(size)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{size:>5} failed: {(out.stderr.strip().splitlines() or [out.returncode])[-1]}")
-                results.append({"size": size, "error": out.stderr.strip()[-2000:]})
-                continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print_modes(r)
-            results.append(r)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        print(json.dumps(run_modes(args, args.child)))
         return
     load = os.getloadavg()
     print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
-          f"threads {args.threads or 'default'}, precision {args.precision}, compile {args.compile}, "
-          f"channels_last {args.channels_last}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"threads {args.threads or 'default'}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {os.cpu_count()} cores")
-    baseline = "  authors-style s/iter" if args.authors_baseline else ""
-    print(f"{'size':>5} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>7} {'peak MiB':>9} {'base MiB':>9}"
-          f"{baseline}  official CPU s/iter")
-    child_argv = [a for a in sys.argv[1:]]
+    print(f"{'size':>5}  {'mode':<22} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>8} {'peak GiB':>9}  official CPU s/iter")
+    results = []
     for size in args.sizes:
-        out = subprocess.run([sys.executable, __file__, *child_argv, "--child", str(size)],
+        # Each size in its own process: the peak memory of one is not the high-water mark of another.
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", str(size)],
                              capture_output=True, text=True)
         if out.returncode != 0:
-            print(f"{size:>5} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            print(f"{size:>5} failed: {(out.stderr.strip().splitlines() or [out.returncode])[-1]}")
+            results.append({"size": size, "error": out.stderr.strip()[-2000:]})
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        if "error" in r:
-            print(f"{size:>5} n/a: {r['error']}")
-            continue
-        ref = OFFICIAL_CPU_S_PER_ITER.get(size) if args.device == "cpu" else None
-        extra = (f"  {r['baseline_s_per_iter']:>8.3f} (x{r['baseline_s_per_iter'] / r['s_per_iter']:.2f})"
-                 if "baseline_s_per_iter" in r else "")
-        print(f"{size:>5} {r['s_per_iter']:>8.3f} {r['min_s']:>7.3f} {r['max_s']:>7.3f} {r['images_per_s']:>7.2f} "
-              f"{r['peak_mib']:>9.0f} {r['base_mib']:>9.0f}{extra}  {ref if ref else '-'}")
+        print_modes(r)
+        results.append(r)
     load = os.getloadavg()
     print(f"# load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_fid_kid_of_arrays(inception_cache):
     # enters only the cross term); the inverted set scores ~0.085.
     assert shifted["kid"] > 0 and shifted["kid"] > same["kid"] + 0.05
 
-    scorer = fid_kid._scorer(config.eval.inception_weights, config.eval.device, config.eval.batch_size)
+    scorer = fid_kid._scorer(config.eval)
     cached = scorer.cache_root / f"{scorer.cache_name(real)}-inception-v3-compat-features-2048.pt"
     assert cached.is_file()
     # Two calls, each extracting its 8 fakes; the real set went through the network once.
@@ -134,7 +134,7 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     write_project(project, sets, a2b=sets["testA"], b2a=sets["testB_target"])
     config = cfg()
 
-    first = fid_kid.InceptionScorer.from_config(config)
+    first = fid_kid.InceptionScorer.from_config(config.eval)
     result = ev.evaluate(config, first)
     ev.log_to_mlflow(config, result)
     assert first.images_extracted == 4 * n  # two real sets, two translated sets
@@ -177,7 +177,7 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     cached = [first.cache_root / f"{first.cache_name(sets[s])}-inception-v3-compat-features-2048.pt"
               for s in ("testA", "testB")]
     mtimes = [p.stat().st_mtime_ns for p in cached]
-    second = fid_kid.InceptionScorer.from_config(config)
+    second = fid_kid.InceptionScorer.from_config(config.eval)
     again = ev.evaluate(config, second)
     assert second.images_extracted == 2 * n
     assert [p.stat().st_mtime_ns for p in cached] == mtimes

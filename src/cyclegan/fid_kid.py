@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import inception
-from .config import Config
+from .config import Config, EvalConfig
 from .device import exact_fp32, resolve_device
 from .errors import UserError
 
@@ -101,9 +101,9 @@ class InceptionScorer:
     _extractor: Any = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "InceptionScorer":
-        return cls(inception.resolve(cfg.eval.inception_weights), resolve_device(cfg.eval.device, "eval.device").type,
-                   cfg.eval.batch_size)
+    def from_config(cls, settings: EvalConfig) -> "InceptionScorer":
+        return cls(inception.resolve(settings.inception_weights), resolve_device(settings.device, "eval.device").type,
+                   settings.batch_size)
 
     @property
     def cache_root(self) -> Path:
@@ -172,8 +172,9 @@ def fid_kid_from_features(f1: np.ndarray, f2: np.ndarray, subset: int) -> dict[s
 
 
 @functools.lru_cache(maxsize=2)
-def _scorer(weights_setting: str, device: str, batch_size: int) -> InceptionScorer:
-    return InceptionScorer(inception.resolve(weights_setting), resolve_device(device, "eval.device").type, batch_size)
+def _scorer(settings: EvalConfig) -> InceptionScorer:
+    """One extractor per process and settings."""
+    return InceptionScorer.from_config(settings)
 
 
 def fid_kid(fake: np.ndarray, real: np.ndarray, cfg: Config) -> dict[str, float]:
@@ -182,5 +183,20 @@ def fid_kid(fake: np.ndarray, real: np.ndarray, cfg: Config) -> dict[str, float]
     The extractor is loaded once per process and the real set's features are cached by content,
     so each call only runs the network over `fake`. Returns fid, kid, kid_std, kid_subset_size.
     """
-    scorer = _scorer(cfg.eval.inception_weights, cfg.eval.device, cfg.eval.batch_size)
-    return scorer.fid_kid(fake, real)
+    return _scorer(cfg.eval).fid_kid(fake, real)
+
+
+def translation_scores(scorer: InceptionScorer, fake_A2B: np.ndarray, fake_B2A: np.ndarray, real_A: np.ndarray,
+                       real_B: np.ndarray, cache_reals: bool = True) -> tuple[dict[str, float], dict[str, int]]:
+    """FID, KID and KID std of A2B (against real B), B2A (against real A) and the baseline of doing
+    nothing (real A against real B), as fid_<name>, kid_<name>, kid_std_<name>; and the KID subset
+    size of each, fixed before any extraction."""
+    pairs = {"A2B": ("A2B", "B"), "B2A": ("B2A", "A"), "baseline": ("A", "B")}
+    images = {"A2B": fake_A2B, "B2A": fake_B2A, "A": real_A, "B": real_B}
+    subsets = {name: kid_subset_size(len(images[x]), len(images[y])) for name, (x, y) in pairs.items()}
+    feats = {k: scorer.features(v, cache=cache_reals and k in ("A", "B")) for k, v in images.items()}
+    metrics: dict[str, float] = {}
+    for name, (x, y) in pairs.items():
+        scores = fid_kid_from_features(feats[x], feats[y], subsets[name])
+        metrics.update({f"fid_{name}": scores["fid"], f"kid_{name}": scores["kid"], f"kid_std_{name}": scores["kid_std"]})
+    return metrics, subsets

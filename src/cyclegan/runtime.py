@@ -61,6 +61,5 @@ def build_model(cfg: Config, device: torch.device, ddp: Distributed) -> CycleGAN
             net = DistributedDataParallel(net, device_ids=[device] if cuda else None, forward_sync_buffers=False)
         return torch.compile(net, dynamic=False) if t.compile else net
 
-    if ddp.active or t.compile:
-        model.wrap(wrap)
+    model.wrap(wrap)
     return model

@@ -32,7 +32,7 @@ from .. import inception, paths, tracking
 from ..config import Config
 from ..data import PreparedDataset, dataset_name
 from ..errors import UserError
-from ..fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, fid_kid_from_features, kid_subset_size
+from ..fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, translation_scores
 from ..fileio import write_json
 
 PSNR_MSE_FLOOR = 1e-10
@@ -95,24 +95,9 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
         fakes[direction], resized[direction] = load_translations(
             paths.TRANSLATED / direction, data.names(source), size)
 
-    pairs = {"A2B": (fakes["A2B"], real["testB"]), "B2A": (fakes["B2A"], real["testA"]),
-             "baseline": (real["testA"], real["testB"])}
-    subsets = {name: kid_subset_size(len(x), len(y)) for name, (x, y) in pairs.items()}
-
-    scorer = scorer or InceptionScorer.from_config(cfg)
-    feats = {
-        "A2B": scorer.features(fakes["A2B"], cache=False),
-        "B2A": scorer.features(fakes["B2A"], cache=False),
-        "testA": scorer.features(real["testA"], cache=True),
-        "testB": scorer.features(real["testB"], cache=True),
-    }
-    feature_pairs = {"A2B": ("A2B", "testB"), "B2A": ("B2A", "testA"), "baseline": ("testA", "testB")}
-    metrics: dict[str, Any] = {}
-    for name, (k1, k2) in feature_pairs.items():
-        scores = fid_kid_from_features(feats[k1], feats[k2], subsets[name])
-        metrics[f"fid_{name}"] = scores["fid"]
-        metrics[f"kid_{name}"] = scores["kid"]
-        metrics[f"kid_std_{name}"] = scores["kid_std"]
+    scorer = scorer or InceptionScorer.from_config(cfg.eval)
+    metrics: dict[str, Any]
+    metrics, subsets = translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["testA"], real["testB"])
 
     has_truth = data.has("testA_target") and data.has("testB_target")
     if has_truth:

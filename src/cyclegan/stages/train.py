@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import checkpoint, paths, sources, tracking
 from ..config import Config
-from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet
+from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
 from ..device import exact_fp32
 from ..distributed import Distributed, join, leave
 from ..errors import UserError
@@ -226,11 +226,6 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                             run_dir, progress.step, t.keep_checkpoints)
             _write_losses(history)
 
-    def to_device(images: torch.Tensor) -> torch.Tensor:
-        # uint8 crosses to the device (a quarter of the bytes of float) and is converted there.
-        x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-        return x.contiguous(memory_format=model.memory_format)
-
     run = tracking.start_training_run(cfg, run_id) if ddp.main else contextlib.nullcontext()
     t_start, images_seen = time.perf_counter(), 0
     with run as mlflow:
@@ -252,7 +247,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                                 generator=torch.Generator().manual_seed(cfg.seed))
             window_start, window_images = time.perf_counter(), 0
             for real_A, real_B in loader:
-                losses = model.train_step(to_device(real_A), to_device(real_B))
+                losses = model.train_step(batch_to_device(real_A, device, model.memory_format),
+                                          batch_to_device(real_B, device, model.memory_format))
                 progress.step += 1
                 progress.position += ddp.world * real_A.shape[0]
                 window_images += ddp.world * real_A.shape[0]
