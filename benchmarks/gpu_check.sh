@@ -23,6 +23,14 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
+# FIRST=(the first $2 names in folder $1, sorted). No `ls | head` pipe: under pipefail, head closing
+# the pipe early kills ls with SIGPIPE and the script with exit 141 (as CI saw on a larger folder).
+first_files() {
+    local all=()
+    mapfile -t all < <(LC_ALL=C ls -1 "$1" | LC_ALL=C sort)
+    FIRST=("${all[@]:0:$2}")
+}
+
 if [ "${1:-}" = "--pack" ]; then
     src=${2:-../shared/datasets/horse2zebra}
     dst=.device/horse2zebra
@@ -30,7 +38,8 @@ if [ "${1:-}" = "--pack" ]; then
     for split in testA testB; do cp -r "$src/$split" "$dst/"; done
     for split in trainA trainB; do  # 500 each: ~45 MB, under the tool's 64 MiB with the repo
         mkdir -p "$dst/$split"
-        ls "$src/$split" | sort | head -n "${PACK_TRAIN:-500}" | while read -r f; do cp "$src/$split/$f" "$dst/$split/"; done
+        first_files "$src/$split" "${PACK_TRAIN:-500}"
+        for f in "${FIRST[@]}"; do cp "$src/$split/$f" "$dst/$split/"; done
     done
     du -sh "$dst"
     exit 0
@@ -46,8 +55,8 @@ if [ "$DRY" = 1 ]; then
         if [ -d ../shared/datasets/horse2zebra ]; then
             for split in trainA trainB testA testB; do
                 mkdir -p "$DATA/$split"
-                ls ../shared/datasets/horse2zebra/$split | sort | head -n 6 | while read -r f; do
-                    cp "../shared/datasets/horse2zebra/$split/$f" "$DATA/$split/"; done
+                first_files "../shared/datasets/horse2zebra/$split" 6
+                for f in "${FIRST[@]}"; do cp "../shared/datasets/horse2zebra/$split/$f" "$DATA/$split/"; done
             done
         else
             "$PY" -c "from cyclegan import toy_dataset; toy_dataset.generate(__import__('pathlib').Path('$DATA'), image_size=48, n_train_a=6, n_train_b=6, n_test=6, seed=0)"
