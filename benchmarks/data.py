@@ -23,8 +23,8 @@ from pathlib import Path
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "horse2zebra"
 
 
-def bench_prepare(project: Path, workers: int) -> tuple[float, int, int]:
-    """`cyclegan prepare --workers N` in `project`; returns seconds, images used and processes."""
+def bench_prepare(project: Path, workers: int) -> tuple[float, int]:
+    """`cyclegan prepare --workers N` in `project`; returns seconds and images used."""
     from cyclegan.cli import main as cyclegan
 
     cwd = os.getcwd()
@@ -37,7 +37,7 @@ def bench_prepare(project: Path, workers: int) -> tuple[float, int, int]:
         report = json.loads(Path("metrics/data_report.json").read_text())
     finally:
         os.chdir(cwd)
-    return elapsed, report["images_used"], report["workers"]
+    return elapsed, report["images_used"]
 
 
 def bench_loader(prepared: Path, items: int, num_workers: int, threads: int, seed: int = 0) -> float:
@@ -85,8 +85,9 @@ def main() -> None:
             "data:\n  dataset: horse2zebra\n  load_size: 286\n  crop_size: 256\n")
         datasets.copy_images(args.source, project / "data" / "raw" / "horse2zebra")
         for workers in (1, 0):
-            elapsed, n, used = bench_prepare(project, workers)
-            rows.append((f"prepare 286/256, {used} process{'es' * (used > 1)}", f"{n} images",
+            elapsed, n = bench_prepare(project, workers)
+            how = "1 process" if workers == 1 else f"auto processes ({cores} cores)"
+            rows.append((f"prepare 286/256, {how}", f"{n} images",
                          f"{n / elapsed:.1f} images/s", f"{elapsed:.1f} s"))
         prepared = project / "data" / "prepared" / "horse2zebra"
         for w, threads in [(w, 0) for w in args.loader_workers] + [(0, 1)]:

@@ -132,15 +132,15 @@ def run_train(fresh: bool = False) -> None:
 
 
 def read_losses(path: Path = paths.TRAIN_LOSSES) -> list[dict[str, str]]:
-    """The loss plot without its timing columns."""
-    from cyclegan.stages.train import TIMING_COLUMNS
-
+    """The loss plot, as strings: equal rows are equal to the last digit."""
     with open(path) as f:
-        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+        return list(csv.DictReader(f))
 
 
 def generator_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    from cyclegan.generators import read_generator
+
+    return read_generator(path)[2]
 
 
 def mlflow_client(root: Path | None = None):
@@ -150,9 +150,19 @@ def mlflow_client(root: Path | None = None):
     return mlflow.MlflowClient(tracking_uri=tracking_uri(root) if root else os.environ["MLFLOW_TRACKING_URI"])
 
 
-def run_id(root: Path = Path(".")) -> str:
-    """The MLflow run of the project's training (models/mlflow_run.json)."""
-    return json.loads((root / paths.MLFLOW_RUN).read_text())["run_id"]
+def run_ids(root: Path | None = None) -> list[str]:
+    """The runs of `root`'s MLflow store (or MLFLOW_TRACKING_URI's), newest first."""
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("cyclegan")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+    return [r.info.run_id for r in runs]
+
+
+def run_id(root: Path | None = None) -> str:
+    """The newest MLflow run of the store, the one a training in the project logs to."""
+    return run_ids(root)[0]
 
 
 def project_env(root: Path) -> dict[str, str]:

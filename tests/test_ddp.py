@@ -26,7 +26,7 @@ from cyclegan.distributed import Distributed
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
 from helpers import (assert_same_gradients, enter_project, run_dir, generator_weights, make_project, merge, project_env,
-                     read_losses, record_gradients, run_train, set_params)
+                     mlflow_client, read_losses, record_gradients, run_id, run_train, set_params)
 
 # Compared steps: from the third, rounding differences grow past 1e-4 (see the torchrun test).
 STEPS = 2
@@ -108,9 +108,9 @@ def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypa
     assert "resuming from" in resumed.stdout
     rows = read_losses()
     assert [(r["step"], r["epoch"]) for r in rows] == [(str(s), str(1 + (s > 6))) for s in range(1, 13)]
-    summary = (tmp_path / paths.TRAIN_METRICS).read_text()
-    assert '"processes": 2' in summary and '"global_batch": 2' in summary
-    resumed_weights = generator_weights(paths.MODELS / "G_A.pt")
+    tags = mlflow_client(tmp_path).get_run(run_id(tmp_path)).data.tags
+    assert tags["processes"] == "2" and tags["global_batch"] == "2"
+    resumed_weights = generator_weights(paths.GENERATORS["G_A"])
 
     # The same run without interruption ends with the same bits.
     (tmp_path / "again").mkdir()
@@ -118,7 +118,7 @@ def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypa
     again = torchrun(tmp_path / "again")
     assert again.returncode == 0, again.stderr
     assert read_losses(tmp_path / "again" / paths.TRAIN_LOSSES) == rows
-    again_weights = generator_weights(tmp_path / "again" / paths.MODELS / "G_A.pt")
+    again_weights = generator_weights(tmp_path / "again" / paths.GENERATORS["G_A"])
     assert all(torch.equal(again_weights[k], resumed_weights[k]) for k in again_weights)
 
     # One process with batch 2 gets the same images in the same steps. Only the first two steps

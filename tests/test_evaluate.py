@@ -139,8 +139,9 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     ev.log_to_mlflow(config, result)
     assert first.images_extracted == 4 * n  # two real sets, two translated sets
 
-    written = json.loads((project / paths.EVAL_METRICS).read_text())
-    assert written == result
+    assert json.loads((project / paths.EVAL_DETAILS).read_text()) == result
+    # The DVC metrics: what experiments are compared by, nothing of the protocol.
+    assert json.loads((project / paths.EVAL_METRICS).read_text()) == {k: result[k] for k in ev.HEADLINE}
     flat = {k: v for k, v in result.items() if k != "protocol"}
     for key in ("fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A", "fid_baseline",
                 "kid_baseline", "kid_std_baseline", "gt_l1_A2B", "gt_psnr_A2B", "gt_l1_B2A", "gt_l1_identity",
@@ -171,7 +172,7 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     assert run.data.metrics["gt_l1_identity"] == pytest.approx(result["gt_l1_identity"])
     assert run.data.tags["inception_weights"] == f"converted:{first.weights.sha256[:12]}"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
-    assert "eval.json" in artifacts
+    assert "eval.json" in artifacts and "eval_details.json" in artifacts
 
     # Re-evaluating reads the real test sets' features from the cache: only translations run.
     cached = [first.cache_root / f"{first.cache_name(sets[s])}-inception-v3-compat-features-2048.pt"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cyclegan.model import LOSS_TERMS
 from helpers import GIT_DVC_ENV, TINY, merge, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,39 +46,37 @@ def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     return dest, env
 
 
+# The README's `dvc exp show --only-changed --drop ...`: the dependency hash columns.
+DROP_FILE_COLUMNS = "^(data|models|metrics)/"
+
+
 def find_params(exp: dict) -> dict:
     return exp["data"]["params"]["params.yaml"]["data"]
 
 
-LOSS_COLUMNS = ("step", "epoch", "lr", "loss_G_A", "loss_G_B", "loss_cycle_A", "loss_cycle_B",
-                "loss_idt_A", "loss_idt_B", "loss_D_A", "loss_D_B")
-
-
-def results(project: Path) -> tuple[dict, list[dict]]:
-    """metrics/eval.json and the per-step losses, without the wall-clock columns."""
-    import csv
-
-    with open(project / "metrics/train_losses.csv", newline="") as f:
-        losses = [{k: row[k] for k in LOSS_COLUMNS} for row in csv.DictReader(f)]
-    return json.loads((project / "metrics/eval.json").read_text()), losses
+def results(project: Path) -> tuple[dict, str]:
+    """metrics/eval.json and the per-step losses."""
+    return (json.loads((project / "metrics/eval.json").read_text()),
+            (project / "metrics/train_losses.csv").read_text())
 
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    """One uninterrupted `dvc repro` of PARAMS: the project, its env, and its results."""
+    """One uninterrupted `dvc repro` of PARAMS: the project, its env, its results and dvc.lock."""
     project, env = pipeline_repo(tmp_path_factory.mktemp("repro") / "project", PARAMS)
     run([str(VENV_BIN / "dvc"), "repro"], project, env)
-    return project, env, results(project)
+    return project, env, results(project), (project / "dvc.lock").read_text()
 
 
 @pytest.mark.slow
 def test_repro_then_experiment(reproduced):
-    project, env, _ = reproduced
+    project, env, _, _ = reproduced
 
     for out in ("data/raw/toy_horse2zebra", "data/prepared/toy_horse2zebra/manifest.json",
-                "models/G_A.pt", "models/G_B.pt", "models/mlflow_run.json", "metrics/train.json",
-                "metrics/train_losses.csv", "data/translated/A2B", "data/translated/B2A",
-                "metrics/eval.json", "reports/index.html", "reports/dataset_preview.png", "dvc.lock"):
+                "models/G_A.safetensors", "models/G_B.safetensors", "metrics/train.json",
+                "metrics/train_losses.csv", "metrics/train_eval.csv", "data/translated/A2B", "data/translated/B2A",
+                "metrics/eval.json", "metrics/eval_details.json", "reports/index.html",
+                "reports/dataset_preview.png", "dvc.lock"):
         assert (project / out).exists(), out
     assert len(list((project / "data/translated/A2B").glob("*.png"))) == 6
     metrics = json.loads((project / "metrics/eval.json").read_text())
@@ -85,7 +84,8 @@ def test_repro_then_experiment(reproduced):
                 "gt_l1_A2B", "gt_l1_identity"):
         assert math.isfinite(metrics[key]), key
     train = json.loads((project / "metrics/train.json").read_text())
-    assert train["steps"] == 48 and all(math.isfinite(v) for v in train.values() if isinstance(v, float))
+    assert len(train) == 8 and all(math.isfinite(v) for v in train.values())
+    assert (project / "metrics/train_losses.csv").read_text().splitlines()[-1].startswith("48,")
 
     # Nothing changed: a second repro runs no stage.
     again = run([str(VENV_BIN / "dvc"), "repro"], project, env)
@@ -99,11 +99,34 @@ def test_repro_then_experiment(reproduced):
     lambdas = [find_params(run_["revs"][0])["lambda_cycle"] for run_ in experiments]
     assert 5 in lambdas
 
+    # `dvc exp show` is a table of results: the changed metrics are the scores and final losses,
+    # nothing of the protocol, the data counts, timings or run ids. Beside them DVC lists the
+    # changed dependencies of each stage (file hashes), which the README's command drops.
+    table = run([str(VENV_BIN / "dvc"), "exp", "show", "--only-changed", "--csv"], project, env).stdout
+    columns = set(table.splitlines()[0].split(",")) - {"Experiment", "rev", "typ", "Created", "parent", "State",
+                                                       "Executor"}
+    results_columns = {"fid_A2B", "fid_B2A", "kid_A2B", "kid_B2A", "gt_l1_A2B", "gt_l1_B2A",
+                       *(f"loss_{k}" for k in LOSS_TERMS), "lambda_cycle"}
+    assert {c for c in columns if not re.match(DROP_FILE_COLUMNS, c)} == results_columns, columns
+    shown = run([str(VENV_BIN / "dvc"), "exp", "show", "--only-changed", "--drop", DROP_FILE_COLUMNS, "--no-pager"],
+                project, {**env, "COLUMNS": "400"}).stdout
+    header = next(line for line in shown.splitlines() if "Experiment" in line)
+    assert set(header.split()) == {"Experiment", "Created", *results_columns}, header
+    assert max(len(line.rstrip()) for line in shown.splitlines() if "─" not in line) <= 230, shown
+
+    # Back to the baseline: its outputs come back from git and the DVC cache, and nothing is stale.
+    run(["git", "checkout", "--", "."], project, env)
+    run([str(VENV_BIN / "dvc"), "checkout"], project, env)
+    status = json.loads(run([str(VENV_BIN / "dvc"), "status", "--json"], project, env).stdout)
+    assert status == {"download": ["always changed"]}, status  # download checks the dataset each time
+    assert run(["git", "status", "--porcelain"], project, env).stdout == ""
+
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cyclegan")
     runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2  # the baseline's and the experiment's: evaluate and report found theirs
     ablation = [r for r in runs if r.data.params.get("lambda_cycle") == "5.0"]
     assert ablation, [r.data.params.get("lambda_cycle") for r in runs]
     assert {"fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A"} <= set(ablation[0].data.metrics)
@@ -124,9 +147,11 @@ def test_repro_killed_mid_training_then_rerun_ends_with_the_same_metrics(tmp_pat
     os.killpg(dvc.pid, signal.SIGKILL)  # dvc and the train stage it runs
     dvc.wait(timeout=30)
     dvc.stdout.close()
-    assert not (project / "models/G_A.pt").exists()  # killed inside train, before its end
+    assert not (project / "models/G_A.safetensors").exists()  # killed inside train, before its end
     assert not (project / "metrics/eval.json").exists()
 
     again = run([str(VENV_BIN / "dvc"), "repro"], project, env)
     assert re.search(r"cyclegan train: resuming from models/checkpoints/[0-9a-f]{16}/step_", again.stdout)
     assert results(project) == reproduced[2]
+    # Another clone, killed and resumed: every output DVC hashes has the same bytes.
+    assert (project / "dvc.lock").read_text() == reproduced[3]

@@ -46,11 +46,11 @@ EVAL = {
                  "reference": {"A2B": "testB", "B2A": "testA", "baseline": "testA vs testB"},
                  "kid_subset_size": {"A2B": N_TEST, "B2A": N_TEST, "baseline": N_TEST}},
 }
-TRAIN = {"steps": 8, "epochs": 2, "device": "cpu", "identity_weight_effective": 5.0,
-         "loss_G_A": 0.87654, "train_seconds_this_run": 1.5}
+TRAIN = {"loss_G_A": 0.87654, "loss_D_A": 0.25}
+PER_EPOCH = ((1, 180.0), (2, 140.0), (3, 150.0))  # as train scores them with train.eval_every: 1
 
 
-def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarray]:
+def write_inputs(root: Path, cfg, *, preview: bool = True, per_epoch: bool = True) -> dict[str, np.ndarray]:
     """Every file the report stage reads, in the formats the other stages write."""
     sets = {"testA": [], "testB": []}
     for i in range(N_TEST):
@@ -62,19 +62,24 @@ def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarr
     write_prepared(root, sets, {"testA": names, "testB": names})
 
     nets = build_networks(cfg.model, seed=3)
-    save_generator(nets["G_A"], cfg.model, "A2B", root / paths.MODELS / "G_A.pt")
-    save_generator(nets["G_B"], cfg.model, "B2A", root / paths.MODELS / "G_B.pt")
+    save_generator(nets["G_A"], cfg.model, "A2B", root / paths.GENERATORS["G_A"])
+    save_generator(nets["G_B"], cfg.model, "B2A", root / paths.GENERATORS["G_B"])
 
     (root / paths.METRICS).mkdir()
     (root / paths.TRAIN_METRICS).write_text(json.dumps(TRAIN))
-    (root / paths.EVAL_METRICS).write_text(json.dumps(EVAL))
+    (root / paths.EVAL_METRICS).write_text(json.dumps({k: v for k, v in EVAL.items() if k != "protocol"}))
+    (root / paths.EVAL_DETAILS).write_text(json.dumps(EVAL))
     with open(root / paths.TRAIN_LOSSES, "w", newline="") as f:
-        fields = ["step", "epoch", "lr"] + [f"loss_{t}" for t in LOSS_TERMS] + ["images_per_s"]
+        fields = ["step", "epoch", "lr"] + [f"loss_{t}" for t in LOSS_TERMS]
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for step in (2, 4, 6, 8):
-            writer.writerow({"step": step, "epoch": 1 + step // 5, "lr": 2e-4, "images_per_s": 10.0,
+            writer.writerow({"step": step, "epoch": 1 + step // 5, "lr": 2e-4,
                              **{f"loss_{t}": 1.0 / step + i for i, t in enumerate(LOSS_TERMS)}})
+    with open(root / paths.TRAIN_EVAL, "w") as f:
+        f.write("epoch,fid_A2B,fid_B2A,kid_A2B,kid_B2A\n")
+        for epoch, fid in PER_EPOCH if per_epoch else ():
+            f.write(f"{epoch},{fid},{fid - 20},{fid / 1000},{fid / 2000}\n")
     (root / paths.DATA_REPORT).write_text(json.dumps(
         {"counts": {"testA": {"found": N_TEST + 1, "used": N_TEST, "skipped": 1}}, "warnings": []}))
     if preview:
@@ -83,25 +88,19 @@ def write_inputs(root: Path, cfg, *, preview: bool = True) -> dict[str, np.ndarr
     return sets
 
 
-def start_run(cfg, fid_history: bool) -> str:
-    """A run as `train` and `evaluate` leave it (models/mlflow_run.json written by train's tracking)."""
+def start_run(cfg) -> str:
+    """A run as `train` and `evaluate` leave it: tagged with the generators it wrote, scores logged."""
     with tracking.start_training_run(cfg) as mlflow:
-        if fid_history:  # as train logs them with train.eval_every: 1
-            for epoch, fid in ((1, 180.0), (2, 140.0), (3, 150.0)):
-                mlflow.log_metrics({"train_fid_A2B": fid, "train_kid_A2B": fid / 1000, "train_fid_B2A": fid - 20,
-                                    "train_kid_B2A": fid / 2000}, step=epoch)
-        # as evaluate logs its scores
-        mlflow.log_metrics({k: v for k, v in EVAL.items() if isinstance(v, float)})
+        tracking.tag_generators(mlflow)
+        mlflow.log_metrics({k: v for k, v in EVAL.items() if isinstance(v, float)})  # as evaluate does
         return mlflow.active_run().info.run_id
 
 
 def other_run(lambda_identity: float, fid: float) -> None:
-    """Another finished experiment in the store, logged as train would; its id file is restored."""
-    keep = paths.MLFLOW_RUN.read_text()
+    """Another finished experiment in the store (of other generators), logged as train would."""
     cfg = config_from_dict({**PARAMS, "lambda_identity": lambda_identity})
     with tracking.start_training_run(cfg) as mlflow:
         mlflow.log_metrics({"fid_A2B": fid, "kid_A2B": 0.05, "fid_B2A": fid + 1, "kid_B2A": 0.06})
-    paths.MLFLOW_RUN.write_text(keep)
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +111,16 @@ def built(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         enter_project(mp, root)
         sets = write_inputs(root, cfg)
-        run_id = start_run(cfg, fid_history=True)
+        run_id = start_run(cfg)
         other_run(0.0, 111.0)
         report.main(cfg)
         import mlflow
 
-        artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, report.ARTIFACT_DIR)]
+        client = mlflow.MlflowClient()
+        artifacts = [a.path for a in client.list_artifacts(run_id, report.ARTIFACT_DIR)]
+        logged = Path(client.download_artifacts(run_id, f"{report.ARTIFACT_DIR}/index.html", str(root / "logged")))
         yield {"root": root, "cfg": cfg, "sets": sets, "run_id": run_id, "artifacts": artifacts,
-               "html": (root / report.REPORT).read_text()}
+               "html": (root / report.REPORT).read_text(), "logged_html": logged.read_text()}
 
 
 def test_page_is_self_contained(built):
@@ -132,17 +133,38 @@ def test_page_is_self_contained(built):
     assert images and all(src.startswith("data:image/png;base64,") for src in images)
     for src in images:
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
-    # Preview, losses, per-epoch, two sample grids, comparison plot.
-    assert len(images) == 6
+    # Preview, losses, per-epoch, two sample grids; the logged copy adds the comparison plot.
+    assert len(images) == 5
+    assert len(re.findall(r'<img src="data:image/png;base64,', built["logged_html"])) == 6
 
 
 def test_page_has_every_section(built):
     page = built["html"]
-    for anchor in ("dataset", "losses", "per-epoch", "samples", "metrics", "experiments"):
+    for anchor in ("dataset", "losses", "per-epoch", "samples", "metrics"):
         assert f'<section id="{anchor}">' in page, anchor
     for text in ("Protocol", "inception-v3-compat", "torch-fidelity 0.3.0", "testA vs testB",
-                 "input (testA)", "reconstruction G_B(G_A(x))", "identity G_A(x)", built["run_id"]):
+                 "input (testA)", "reconstruction G_B(G_A(x))", "identity G_A(x)"):
         assert text in page, text
+    # What only the MLflow store knows is in the copy logged to the run, not in the DVC output.
+    assert built["run_id"] not in page and '<section id="experiments">' not in page
+    logged = built["logged_html"]
+    assert built["run_id"] in logged and '<section id="experiments">' in logged
+    for anchor in ("dataset", "losses", "per-epoch", "samples", "metrics"):  # the rest is the same
+        assert page.split(f'<section id="{anchor}">')[1].split("</section>")[0] == \
+            logged.split(f'<section id="{anchor}">')[1].split("</section>")[0], anchor
+
+
+def test_page_is_the_same_bytes_whatever_the_store_holds(built, monkeypatch):
+    """reports/index.html is a DVC output: other runs, or another store, must not change it."""
+    root = built["root"]
+    with monkeypatch.context() as mp:
+        enter_project(mp, root)
+        other_run(0.5, 99.0)
+        report.main(built["cfg"])
+        assert (root / report.REPORT).read_text() == built["html"]
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'another.db'}")  # the run is not there
+        report.main(built["cfg"])
+        assert (root / report.REPORT).read_text() == built["html"]
 
 
 def test_page_shows_metric_values(built):
@@ -161,7 +183,7 @@ def test_best_and_final_training_scores_are_labelled(built):
 
 
 def test_comparison_lists_both_runs(built):
-    section = built["html"].split('<section id="experiments">', 1)[1].split("</section>", 1)[0]
+    section = built["logged_html"].split('<section id="experiments">', 1)[1].split("</section>", 1)[0]
     assert f"{built['run_id'][:8]} (this run)" in section
     assert section.count("<tr>") == 3  # header + two runs
     assert ">111<" in section and ">123.5<" in section
@@ -175,8 +197,8 @@ def test_sample_grid_rows(built):
     pad, tile = 2, SIZE + 2
     assert grid.shape == (pad + 4 * tile, pad + N_SAMPLES * tile, 3)
 
-    G_A = load_generator(root / paths.MODELS / "G_A.pt", torch.device("cpu"))
-    G_B = load_generator(root / paths.MODELS / "G_B.pt", torch.device("cpu"))
+    G_A = load_generator(root / paths.GENERATORS["G_A"], torch.device("cpu"))
+    G_B = load_generator(root / paths.GENERATORS["G_B"], torch.device("cpu"))
     with torch.no_grad():
         x = to_tensor(built["sets"]["testA"][:N_SAMPLES])
         fake = G_A(x)
@@ -201,8 +223,8 @@ def test_pngs_written_and_logged(built):
 def test_optional_sections_are_skipped(project):
     """No preview, no per-epoch scores, a single run: the page still builds, without those parts."""
     cfg = config_from_dict(PARAMS)
-    write_inputs(project, cfg, preview=False)
-    start_run(cfg, fid_history=False)
+    write_inputs(project, cfg, preview=False, per_epoch=False)
+    start_run(cfg)
     report.EPOCH_PNG.parent.mkdir(exist_ok=True)
     report.EPOCH_PNG.write_bytes(b"left by an earlier report")
     report.main(cfg)
@@ -214,15 +236,15 @@ def test_optional_sections_are_skipped(project):
 
 
 @pytest.mark.parametrize("missing,stage", [
-    (paths.EVAL_METRICS, "evaluate"),
-    (paths.MODELS / "G_B.pt", "train"),
+    (paths.EVAL_DETAILS, "evaluate"),
+    (paths.GENERATORS["G_B"], "train"),
     (paths.TRAIN_LOSSES, "train"),
+    (paths.TRAIN_EVAL, "train"),
     (paths.PREPARED / "toy_horse2zebra" / "testA.npy", "prepare"),
 ])
 def test_missing_input_is_one_line(project, capsys, missing, stage):
     cfg = config_from_dict(PARAMS)
     write_inputs(project, cfg)
-    paths.MLFLOW_RUN.write_text(json.dumps({"run_id": "0" * 32}))
     (project / missing).unlink()
     with pytest.raises(UserError) as err:
         report.build(cfg)

@@ -24,7 +24,7 @@ from cyclegan.data import MANIFEST
 from cyclegan.errors import UserError
 from cyclegan.model import CycleGAN
 from helpers import (TRAIN_PARAMS, enter_project, generator_weights, make_project, merge, mlflow_client,
-                     project_env, read_losses, run_checkpoints, run_dir, run_id, run_train, set_params)
+                     project_env, read_losses, run_checkpoints, run_dir, run_id, run_ids, run_train, set_params)
 
 # 2 epochs of 12 steps; checkpoints every 3 steps, the last 2 kept.
 PARAMS = {"train": {"checkpoint_every": 3}}
@@ -32,7 +32,7 @@ PARAMS = {"train": {"checkpoint_every": 3}}
 
 def outputs(root: Path) -> tuple[list[dict[str, str]], dict[str, dict[str, torch.Tensor]]]:
     return (read_losses(root / paths.TRAIN_LOSSES),
-            {g: generator_weights(root / paths.MODELS / f"{g}.pt") for g in ("G_A", "G_B")})
+            {g: generator_weights(root / paths.GENERATORS[g]) for g in ("G_A", "G_B")})
 
 
 def assert_same_run(got, expected) -> None:
@@ -84,7 +84,7 @@ def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
     proc.stdout.close()
     killed_at = newest_step(tmp_path)
     assert 6 <= killed_at < 24
-    assert not (tmp_path / paths.MODELS / "G_A.pt").exists()
+    assert not (tmp_path / paths.GENERATORS["G_A"]).exists()
     first_run = run_id(tmp_path)
 
     proc = cyclegan_train(tmp_path)
@@ -93,7 +93,7 @@ def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
     assert f"resuming from {run_dir(tmp_path) / f'step_{killed_at:09d}.pt'}" in log
     assert_same_run(outputs(tmp_path), uninterrupted)
 
-    assert run_id(tmp_path) == first_run  # the same MLflow run, reattached
+    assert run_ids(tmp_path) == [first_run]  # the same MLflow run, reattached, no other
     client = mlflow_client(tmp_path)
     assert client.get_run(first_run).info.status == "FINISHED"
     # Each step once: the steps logged before the kill and repeated after it are not logged twice.
@@ -110,7 +110,7 @@ def test_stopped_run_continues_exactly_and_keeps_its_mlflow_run(project, uninter
     set_params(project, merge(params, {"train": {"max_steps": 0}}))
     run_train()
     assert_same_run(outputs(project), uninterrupted)
-    assert run_id() == first_run
+    assert run_ids() == [first_run]
 
 
 def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):

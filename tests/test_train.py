@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cyclegan import checkpoint, paths
+from cyclegan import checkpoint, paths, tracking
 from cyclegan import device as device_module
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
@@ -232,7 +232,7 @@ def test_train_writes_models_plots_metrics_and_mlflow(trained, monkeypatch, tmp_
     # `cyclegan train` of make_project's defaults, run once for this file and test_resume.py.
     assert trained.exit_code == 0
     enter_project(monkeypatch, trained.root)
-    G_A = load_generator(paths.MODELS / "G_A.pt", torch.device("cpu"))
+    G_A = load_generator(paths.GENERATORS["G_A"], torch.device("cpu"))
     assert G_A(torch.zeros(1, 3, 28, 28)).shape == (1, 3, 28, 28)
     rows = read_losses()
     # 12 images per epoch (max of 12 A and 10 B), batch 1, 2 epochs; LR halves for the last one.
@@ -240,13 +240,19 @@ def test_train_writes_models_plots_metrics_and_mlflow(trained, monkeypatch, tmp_
     assert {float(r["lr"]) for r in rows if r["epoch"] == "1"} == {0.0002}
     assert {float(r["lr"]) for r in rows if r["epoch"] == "2"} == {0.0001}
     assert set(rows[0]) == {"step", "epoch", "lr", *(f"loss_{k}" for k in LOSS_TERMS)}
-    summary = json.loads(paths.TRAIN_METRICS.read_text())
-    assert summary["steps"] == 24 and summary["epochs"] == 2 and summary["identity_weight_effective"] == 5.0
+    # metrics/train.json holds what experiments are compared by, the final losses (the mean of the
+    # last 5 logged rows), and nothing that depends on the machine or the clock.
+    final = json.loads(paths.TRAIN_METRICS.read_text())
+    assert set(final) == {f"loss_{k}" for k in LOSS_TERMS}
+    assert final["loss_G_A"] == pytest.approx(np.mean([float(r["loss_G_A"]) for r in rows[-5:]]))
+    assert paths.TRAIN_EVAL.read_text() == "epoch,fid_A2B,fid_B2A,kid_A2B,kid_B2A\n"  # eval_every: 0
 
     client = mlflow_client()
     run = client.get_run(run_id())
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.ngf"] == "8"
+    assert run.data.params["model.ngf"] == "8" and run.data.params["identity_weight_effective"] == "5.0"
+    assert run.data.metrics["train_seconds_this_run"] > 0 and run.data.metrics["images_per_s_this_run"] > 0
+    assert run.data.tags["generators_sha256"] == tracking.generators_sha256()
     history = client.get_metric_history(run.info.run_id, "loss_G_A")
     assert sorted(m.step for m in history) == list(range(1, 25))
     assert len(client.get_metric_history(run.info.run_id, "images_per_s")) == 24
@@ -268,7 +274,7 @@ def test_train_writes_models_plots_metrics_and_mlflow(trained, monkeypatch, tmp_
 def test_no_sample_grids_with_n_samples_0(project):
     make_project(project, n_a=4, n_b=4, train={"n_epochs_decay": 0}, eval={"n_samples": 0})
     run_train()
-    assert json.loads(paths.TRAIN_METRICS.read_text())["epochs"] == 1  # an epoch ended ...
+    assert read_losses()[-1]["step"] == "4"  # an epoch ended ...
     client = mlflow_client()
     assert client.get_run(run_id()).info.status == "FINISHED"
     assert client.list_artifacts(run_id(), "samples") == []  # ... and logged no grid
@@ -323,7 +329,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(pr
     assert [p.name for p in kept] == ["step_000000004.pt"]
     state = torch.load(kept[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"]["nets"]["G_A"].values())
-    assert not (paths.MODELS / "G_A.pt").exists()
+    assert not (paths.GENERATORS["G_A"]).exists()
     assert mlflow_client().get_run(run_id()).info.status == "FAILED"
 
 
@@ -350,6 +356,9 @@ def test_eval_every_logs_fid_and_kid_per_epoch(project, monkeypatch):
     assert calls == [((4, 28, 28, 3), (4, 28, 28, 3))] * 4  # 2 epochs x 2 directions, the full test sets
     history = mlflow_client().get_metric_history(run_id(), "train_fid_A2B")
     assert [(m.step, m.value) for m in history] == [(1, 11.0), (2, 13.0)]
+    # The same scores, in the DVC plot: A2B then B2A each epoch.
+    assert paths.TRAIN_EVAL.read_text().splitlines() == [
+        "epoch,fid_A2B,fid_B2A,kid_A2B,kid_B2A", "1,11.0,12.0,0.5,0.5", "2,13.0,14.0,0.5,0.5"]
 
 
 def test_fingerprint_covers_what_defines_the_run_and_nothing_else():

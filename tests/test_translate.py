@@ -13,7 +13,7 @@ from cyclegan import paths
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
-from cyclegan.generators import load_generator, save_generator, translate_array
+from cyclegan.generators import load_generator, read_generator, save_generator, translate_array
 from cyclegan.networks import build_generator
 from cyclegan.stages import translate
 from helpers import write_prepared
@@ -30,8 +30,8 @@ def generators_and_test_sets(project):
     def make(**overrides) -> tuple:
         cfg = config_from_dict({**SMALL, **overrides})
         torch.manual_seed(0)
-        for name, direction in (("G_A.pt", "A2B"), ("G_B.pt", "B2A")):
-            save_generator(build_generator(cfg.model), cfg.model, direction, paths.MODELS / name)
+        for name, direction in (("G_A", "A2B"), ("G_B", "B2A")):
+            save_generator(build_generator(cfg.model), cfg.model, direction, paths.GENERATORS[name])
         rng = np.random.default_rng(0)
         arrays, files = {}, {}
         for split, n in (("testA", 5), ("testB", 4)):
@@ -52,7 +52,7 @@ def test_test_sets_both_ways_match_the_generators(generators_and_test_sets):
     assert [p.name for p in a2b] == [f"testA_{i}.png" for i in range(5)]
     assert len(list((paths.TRANSLATED / "B2A").iterdir())) == 4
     # The PNG holds exactly what the generator computes, batch or no batch.
-    net = load_generator(paths.MODELS / "G_A.pt", torch.device("cpu"))
+    net = load_generator(paths.GENERATORS["G_A"], torch.device("cpu"))
     expected = translate_array(net, np.load(prepared / "testA.npy")[2:3], 1, torch.device("cpu"))[0]
     np.testing.assert_array_equal(np.asarray(Image.open(a2b[2])), expected)
 
@@ -87,13 +87,13 @@ def test_a_users_folder_with_a_chosen_generator(generators_and_test_sets, tmp_pa
     Image.new("RGB", (50, 40), (200, 100, 0)).save(photos / "a.jpg")
     Image.new("LA", (32, 32), (90, 0)).save(photos / "b.png")  # fully transparent grey
     (photos / "notes.txt").write_text("not an image")
-    args = Namespace(input=photos, generator=paths.MODELS / "G_B.pt", output=tmp_path / "out")
+    args = Namespace(input=photos, generator=paths.GENERATORS["G_B"], output=tmp_path / "out")
     translate.main(cfg, args)
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert out == ["a.png", "b.png"]
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)  # resized to crop_size
     # Transparent pixels are composited over data.alpha_background, as `prepare` does for training.
-    net = load_generator(paths.MODELS / "G_B.pt", torch.device("cpu"))
+    net = load_generator(paths.GENERATORS["G_B"], torch.device("cpu"))
     background = np.broadcast_to(np.array([0, 128, 255], np.uint8), (1, 32, 32, 3))
     expected = translate_array(net, background, 1, torch.device("cpu"))[0]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "b.png")), expected)
@@ -101,8 +101,8 @@ def test_a_users_folder_with_a_chosen_generator(generators_and_test_sets, tmp_pa
 
 def test_bad_inputs_give_one_line(generators_and_test_sets, tmp_path, capsys):
     cfg, _ = generators_and_test_sets()
-    (paths.MODELS / "G_A.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="G_A.pt: not a cyclegan generator file"):
+    (paths.GENERATORS["G_A"]).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="G_A.safetensors: not a cyclegan generator file"):
         translate.main(cfg, None)
     assert not paths.TRANSLATED.exists()  # nothing half-written
 
@@ -116,3 +116,74 @@ def test_missing_prepared_data_is_a_one_line_error(project):
     # No data/prepared here: one line naming the file, not a traceback.
     with pytest.raises(UserError, match=r"data/prepared/toy_horse2zebra/manifest.json: no prepared dataset"):
         translate.main(config_from_dict(SMALL), None)
+
+
+# --- the generator file -----------------------------------------------------------------------------
+
+def test_generator_file_is_safetensors_with_its_architecture_and_the_same_bytes_each_time(project):
+    import json
+    import subprocess
+    import sys
+
+    import safetensors
+
+    cfg = config_from_dict({**SMALL, "model": {"netG": "resnet_6blocks", "ngf": 4, "use_dropout": True}})
+    torch.manual_seed(0)
+    net = build_generator(cfg.model)
+    save_generator(net, cfg.model, "B2A", Path("g.safetensors"))
+    with safetensors.safe_open("g.safetensors", framework="pt") as f:
+        header = json.loads(f.metadata()["cyclegan"])
+        assert set(f.keys()) == set(net.state_dict())
+    assert header["direction"] == "B2A" and header["model"]["use_dropout"] is True and header["model"]["ngf"] == 4
+    model, direction, _ = read_generator(Path("g.safetensors"))
+    assert model == cfg.model and direction == "B2A"
+    loaded = load_generator(Path("g.safetensors"), torch.device("cpu"))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded(x), net.eval()(x), rtol=0, atol=0)
+
+    # Another process (another hash seed, another dict order) writes the same bytes.
+    code = ("import sys, torch; from pathlib import Path; from cyclegan.config import config_from_dict; "
+            "from cyclegan.networks import build_generator; from cyclegan.generators import save_generator; "
+            "cfg = config_from_dict({'model': {'netG': 'resnet_6blocks', 'ngf': 4, 'use_dropout': True}}); "
+            "torch.manual_seed(0); save_generator(build_generator(cfg.model), cfg.model, 'B2A', Path(sys.argv[1]))")
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", code, f"again{seed}.safetensors"], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        assert Path(f"again{seed}.safetensors").read_bytes() == Path("g.safetensors").read_bytes()
+
+
+def test_old_pt_generators_are_still_read_with_a_note(project, capsys):
+    from dataclasses import asdict
+
+    cfg = config_from_dict(SMALL)
+    torch.manual_seed(0)
+    net = build_generator(cfg.model).eval()
+    torch.save({"model": asdict(cfg.model), "direction": "A2B", "state_dict": net.state_dict()}, "G_A.pt")
+    loaded = load_generator(Path("G_A.pt"), torch.device("cpu"))
+    assert "G_A.pt is a .pt generator of cyclegan <= 0.1, still read" in capsys.readouterr().err
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+
+
+def test_generator_files_that_do_not_fit_get_one_line(project):
+    import json
+
+    import safetensors.torch
+
+    cfg = config_from_dict(SMALL)
+    state = build_generator(cfg.model).state_dict()
+    header = {"format": "cyclegan-generator", "version": 1, "model": cfg.to_dict()["model"], "direction": "A2B"}
+    cases = {
+        "newer.safetensors": ({**header, "version": 99}, state, "version 99 is newer than this cyclegan reads"),
+        "other.safetensors": ({**header, "format": "something-else"}, state, "not a cyclegan generator file"),
+        "wrong.safetensors": ({**header, "model": {**header["model"], "ngf": 8}}, state,
+                              "weights do not fit the architecture in the file"),
+    }
+    for name, (head, tensors, message) in cases.items():
+        Path(name).write_bytes(safetensors.torch.save(tensors, metadata={"cyclegan": json.dumps(head)}))
+        with pytest.raises(UserError, match=message) as err:
+            load_generator(Path(name), torch.device("cpu"))
+        assert name in str(err.value) and "\n" not in str(err.value)
+    Path("bare.safetensors").write_bytes(safetensors.torch.save(state))  # no metadata
+    with pytest.raises(UserError, match="bare.safetensors: not a cyclegan generator file"):
+        load_generator(Path("bare.safetensors"), torch.device("cpu"))

@@ -1,14 +1,16 @@
 """MLflow tracking: one run per pipeline run or DVC experiment.
 
-`train` creates the run and writes its id to models/mlflow_run.json (a small DVC output);
-`evaluate` and `report` reattach to it. The default store is a sqlite file at the project root,
+`train` creates the run and, once the generators are written, tags it with their content hash;
+`evaluate` and `report` reattach to the run whose tag matches the generators in models/ (in a DVC
+experiment, preferably the run of that experiment). No run id lives in a DVC output, so a return
+to an earlier experiment's outputs (`git checkout`, `dvc checkout`) leaves nothing stale, and the
+outputs stay a function of data, params and code. The default store is a sqlite file at the project root,
 resolved to an absolute path: queued experiments run in copies under .dvc/tmp/exps and must log
 into the same store. MLFLOW_TRACKING_URI overrides it.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -18,7 +20,6 @@ from typing import Any, Iterator
 
 from . import paths
 from .config import Config, flatten
-from .fileio import write_json
 
 EXPERIMENT = "cyclegan"
 STORE = "mlflow.db"
@@ -97,16 +98,39 @@ def _use_experiment(mlflow) -> None:
     mlflow.set_experiment(EXPERIMENT)
 
 
-def read_run_id(path: Path = paths.MLFLOW_RUN) -> str | None:
-    try:
-        return json.loads(path.read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
+GENERATORS_TAG = "generators_sha256"
+
+
+def generators_sha256() -> str | None:
+    """One hash of models/G_A and G_B's bytes; None while either is missing."""
+    digest = hashlib.sha256()
+    for name, path in sorted(paths.GENERATORS.items()):
+        if not path.is_file():
+            return None
+        digest.update(name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def tag_generators(mlflow) -> None:
+    """Mark the active run as the one that wrote the generators now in models/."""
+    mlflow.set_tag(GENERATORS_TAG, generators_sha256() or "")
+
+
+def find_training_run(mlflow) -> str | None:
+    """The run that wrote the generators in models/: of this DVC experiment if it has one, else the latest."""
+    digest = generators_sha256()
+    if digest is None:
         return None
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.{GENERATORS_TAG} = '{digest}'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    candidates = [r for r in runs if exp_name and r.data.tags.get("dvc_exp_name") == exp_name] or runs
+    return candidates[0].info.run_id if candidates else None
 
 
 @contextmanager
 def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterator[Any]:
-    """Create (or, when resuming training, reopen) the run; its id goes to models/mlflow_run.json."""
+    """Create (or, when resuming training, reopen) the run."""
     mlflow = _mlflow()
     _use_experiment(mlflow)
     run_name = os.environ.get("DVC_EXP_NAME") or None
@@ -115,12 +139,10 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
             mlflow.get_run(resume_run_id)
         except Exception:  # a store that was deleted or moved: start a new run
             resume_run_id = None
-    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name) as run:
+    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name):
         if not resume_run_id:
             mlflow.log_params(run_params(cfg))
         mlflow.set_tags(run_tags(cfg))
-        write_json(paths.MLFLOW_RUN, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(),
-                                      "experiment": EXPERIMENT})
         yield mlflow
 
 
@@ -136,17 +158,14 @@ def last_logged_step(mlflow, key: str) -> int:
 
 @contextmanager
 def reattach(cfg: Config) -> Iterator[Any]:
-    """Reopen the run that `train` created; a fresh run if the id is missing or the store is gone."""
+    """Reopen the run that wrote models/' generators; a fresh run where the store has none (a
+    store deleted or moved, generators from `dvc pull`)."""
     mlflow = _mlflow()
     _use_experiment(mlflow)
-    run_id = read_run_id()
-    if run_id:
-        try:
-            mlflow.get_run(run_id)
-        except Exception:
-            run_id = None
+    run_id = find_training_run(mlflow)
     with mlflow.start_run(run_id=run_id, run_name=os.environ.get("DVC_EXP_NAME") or None):
         if run_id is None:
             mlflow.log_params(run_params(cfg))
+            tag_generators(mlflow)  # so that `report` after `evaluate` finds this run
         mlflow.set_tags(run_tags(cfg))
         yield mlflow

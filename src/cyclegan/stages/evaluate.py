@@ -1,6 +1,11 @@
 """`cyclegan evaluate`: FID and KID of both translation directions, and ground-truth error on toy data.
 
-Protocol (recorded in metrics/eval.json under "protocol"):
+Two files: metrics/eval.json, the DVC metrics people compare across experiments (FID and KID both
+ways and for the baseline, the ground-truth L1 on toy data), and metrics/eval_details.json, every
+figure computed (KID's std, PSNR, object L1) with the protocol, a plain output, so that
+`dvc exp show` stays a table of results. MLflow gets all of them.
+
+Protocol (recorded in metrics/eval_details.json under "protocol"):
   A2B       data/translated/A2B/<testA name>.png  vs  real testB
   B2A       data/translated/B2A/<testB name>.png  vs  real testA
   baseline  real testA vs real testB: the score of translating A2B by doing nothing
@@ -37,6 +42,9 @@ from ..fileio import write_json
 
 PSNR_MSE_FLOOR = 1e-10
 DIRECTIONS = {"A2B": ("testA", "testB"), "B2A": ("testB", "testA")}  # direction: (input, reference)
+# The keys of metrics/eval.json, where the evaluation has them.
+HEADLINE = (*(f"{m}_{d}" for m in ("fid", "kid") for d in ("A2B", "B2A", "baseline")),
+            "gt_l1_A2B", "gt_l1_B2A", "gt_l1_identity", "gt_l1_identity_B2A")
 
 
 def load_translations(folder: Path, names: list[str], size: tuple[int, int]) -> tuple[np.ndarray, int]:
@@ -84,7 +92,7 @@ def ground_truth_errors(inputs: np.ndarray, fakes: np.ndarray, targets: np.ndarr
 
 
 def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, Any]:
-    """Compute every metric, write metrics/eval.json, and return its content."""
+    """Compute every metric, write metrics/eval.json and eval_details.json, and return the details."""
     import torch_fidelity
 
     data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
@@ -132,7 +140,8 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
         protocol["ground_truth"] = ("toy targets on [0,1]: l1 = mean abs error, psnr = mean per-image "
                                     "PSNR (<= 100 dB), l1_object = l1 where input != target")
     result = {**metrics, "protocol": protocol}
-    write_json(paths.EVAL_METRICS, result)
+    write_json(paths.EVAL_DETAILS, result)
+    write_json(paths.EVAL_METRICS, {k: metrics[k] for k in HEADLINE if k in metrics})
     return result
 
 
@@ -144,6 +153,7 @@ def log_to_mlflow(cfg: Config, result: dict[str, Any]) -> None:
         mlflow.set_tags({"inception_weights": f"{weights['kind']}:{weights['sha256'][:12]}",
                          "inception_weights_sha256": weights["sha256"]})
         mlflow.log_artifact(str(paths.EVAL_METRICS))
+        mlflow.log_artifact(str(paths.EVAL_DETAILS))
 
 
 def main(cfg: Config, args=None) -> None:

@@ -241,7 +241,6 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
             "source_modes": dict(sorted(modes.items())),
             "duplicates": {"train_test": train_test, "within_splits": within},
             "warnings": warnings,
-            "workers": n_workers,
         })
         empty = [s for s in SPLITS if counts[s]["used"] == 0]
         if empty:
@@ -274,13 +273,13 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         write_preview(final["trainA"], final["trainB"], preview_path)
         del final
 
+    # The report is a DVC output, hashed: no timings or machine facts in it, only the terminal's.
     elapsed = time.perf_counter() - started
-    report.update({"content_sha256": manifest["content_sha256"], "seconds": round(elapsed, 3),
-                   "images_per_second": round(len(work) / elapsed, 1)})
+    report["content_sha256"] = manifest["content_sha256"]
     write_json(report_path, report)
     for line in warnings:
         print(f"cyclegan prepare: warning: {line}", file=sys.stderr)
     summary = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
     print(f"{prepared_root / name}: {summary} ({len(skipped)} skipped) in {elapsed:.1f} s "
-          f"({report['images_per_second']} images/s, {n_workers} worker{'s' * (n_workers > 1)})")
+          f"({len(work) / elapsed:.1f} images/s, {n_workers} worker{'s' * (n_workers > 1)})")
     return report

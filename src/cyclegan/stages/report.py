@@ -4,12 +4,14 @@ The page is self-contained (every image is a base64 data URI, the style is inlin
 script), so it opens offline, from an MLflow artifact or a mail attachment alike. Sections:
   dataset        reports/dataset_preview.png and the counts of metrics/data_report.json (prepare)
   training       loss curves drawn from metrics/train_losses.csv
-  FID/KID        per epoch, when the MLflow run holds metric histories with step = epoch
+  FID/KID        per epoch, from metrics/train_eval.csv (train.eval_every)
   samples        the first eval.n_samples test images both ways, rows input / translation /
-                 reconstruction / identity, computed here with models/G_A.pt and G_B.pt
-  metrics        metrics/eval.json with its protocol, and metrics/train.json
-  experiments    this run beside the other finished runs of the MLflow store (`cyclegan compare`)
-The PNGs are also written to reports/, and the page and PNGs are logged as artifacts of the run.
+                 reconstruction / identity, computed here with models/G_A.safetensors and G_B
+  metrics        metrics/eval_details.json (every figure, and the protocol), and metrics/train.json
+reports/index.html is a DVC output, so it is built from the stages' files alone: the same data,
+params and code give the same bytes. The copy logged to the MLflow run adds what only the store
+knows: the run's id and name, and this run beside the other finished runs of the store
+(`cyclegan compare`). The PNGs are also written to reports/ and logged as artifacts of the run.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ LOSS_PNG = paths.REPORTS / "loss_curves.png"
 EPOCH_PNG = paths.REPORTS / "fid_kid_per_epoch.png"
 SAMPLE_PNG = {"A2B": paths.REPORTS / "samples_A2B.png", "B2A": paths.REPORTS / "samples_B2A.png"}
 ARTIFACT_DIR = "report"
-# What train logs every train.eval_every epochs, with step = epoch.
+# What train scores every train.eval_every epochs (metrics/train_eval.csv; in MLflow with step = epoch).
 EPOCH_METRICS = ("train_fid_A2B", "train_fid_B2A", "train_kid_A2B", "train_kid_B2A")
 # Loss terms by what they measure; the CSV names them loss_<term>.
 LOSS_PANELS = {"adversarial": ("G_A", "G_B", "D_A", "D_B"),
@@ -123,16 +125,21 @@ class Inputs:
 def read_local_inputs(cfg: Config) -> Inputs:
     """The files of the pipeline's stages, and the sample grids computed from the generators."""
     data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
-    generators = {"G_A": paths.MODELS / "G_A.pt", "G_B": paths.MODELS / "G_B.pt"}
-    _require({generators["G_A"]: "train", generators["G_B"]: "train",
-              paths.MLFLOW_RUN: "train", paths.TRAIN_METRICS: "train", paths.TRAIN_LOSSES: "train",
-              paths.EVAL_METRICS: "evaluate"})
+    generators = paths.GENERATORS
+    _require({generators["G_A"]: "train", generators["G_B"]: "train", paths.TRAIN_METRICS: "train",
+              paths.TRAIN_LOSSES: "train", paths.TRAIN_EVAL: "train", paths.EVAL_DETAILS: "evaluate"})
     try:
         losses = pd.read_csv(paths.TRAIN_LOSSES)
     except (ValueError, pd.errors.EmptyDataError):
         raise UserError(f"{paths.TRAIN_LOSSES}: not a loss table; run `dvc repro train` again") from None
-    if "step" not in losses or "lr" not in losses:
-        raise UserError(f"{paths.TRAIN_LOSSES}: no step/lr columns; run `dvc repro train` again")
+    if "step" not in losses or "lr" not in losses or "epoch" not in losses:
+        raise UserError(f"{paths.TRAIN_LOSSES}: no step/epoch/lr columns; run `dvc repro train` again")
+    try:
+        per_epoch = pd.read_csv(paths.TRAIN_EVAL)
+        epoch_history = {f"train_{k}": [(int(e), float(v)) for e, v in zip(per_epoch["epoch"], per_epoch[k])]
+                         for k in per_epoch.columns if k != "epoch" and len(per_epoch)}
+    except (ValueError, KeyError, pd.errors.EmptyDataError):
+        raise UserError(f"{paths.TRAIN_EVAL}: not a per-epoch FID/KID table; run `dvc repro train` again") from None
 
     device = resolve_device(cfg.eval.device, "eval.device")
     G_A = load_generator(generators["G_A"], device)
@@ -147,8 +154,8 @@ def read_local_inputs(cfg: Config) -> Inputs:
                     samples[direction] = png_bytes(sample_grid(images, forward, backward, device))
 
     inputs = Inputs(cfg=cfg, train=_read_json(paths.TRAIN_METRICS, "train"),
-                    evaluation=_read_json(paths.EVAL_METRICS, "evaluate"),
-                    losses=losses, samples=samples, n_samples=n)
+                    evaluation=_read_json(paths.EVAL_DETAILS, "evaluate"),
+                    losses=losses, samples=samples, n_samples=n, epoch_history=epoch_history)
     if paths.DATASET_PREVIEW.is_file():
         inputs.preview = paths.DATASET_PREVIEW.read_bytes()
     if paths.DATA_REPORT.is_file():
@@ -157,15 +164,10 @@ def read_local_inputs(cfg: Config) -> Inputs:
 
 
 def read_run_inputs(inputs: Inputs, mlflow) -> None:
-    """What only the MLflow store knows: the run's identity, per-epoch scores, the other runs."""
+    """What only the MLflow store knows: the run's identity and the other runs."""
     run = mlflow.active_run()
     inputs.run_id = run.info.run_id
     inputs.run_name = run.info.run_name or ""
-    client = mlflow.MlflowClient()
-    for name in EPOCH_METRICS:
-        points = sorted((m.step, m.value) for m in client.get_metric_history(inputs.run_id, name))
-        if points:
-            inputs.epoch_history[name] = points
     try:
         # This run is still open (status RUNNING) while the report reattaches to it.
         runs = load_mlflow(mlflow.get_tracking_uri(), include=[inputs.run_id])
@@ -235,16 +237,18 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _header(inputs: Inputs) -> str:
-    cfg, train = inputs.cfg, inputs.train
+    cfg = inputs.cfg
+    last = inputs.losses.iloc[-1] if len(inputs.losses) else None
     facts = [
         ("dataset", cfg.data.dataset), ("image size", cfg.data.crop_size),
         ("generator", f"{cfg.model.netG}, ngf {cfg.model.ngf}"), ("discriminator", f"{cfg.model.netD}, ndf {cfg.model.ndf}"),
         ("lambda_cycle", cfg.lambda_cycle), ("lambda_identity", cfg.lambda_identity),
         ("identity_weight_effective", cfg.identity_weight),
-        ("epochs", f"{train.get('epochs', '?')} of {cfg.train.n_epochs + cfg.train.n_epochs_decay}"),
-        ("steps", train.get("steps", "?")), ("device", train.get("device", "?")),
-        ("MLflow run", f"{inputs.run_name} ({inputs.run_id})" if inputs.run_name else inputs.run_id),
+        ("epochs", f"{last['epoch'] if last is not None else '?'} of {cfg.train.n_epochs + cfg.train.n_epochs_decay}"),
+        ("steps", last["step"] if last is not None else "?"), ("train.device", cfg.train.device),
     ]
+    if inputs.run_id:
+        facts.append(("MLflow run", f"{inputs.run_name} ({inputs.run_id})" if inputs.run_name else inputs.run_id))
     return (f"<h1>CycleGAN report: {html.escape(cfg.data.dataset)}</h1>\n"
             f'<p class="muted">Written by <code>cyclegan report</code> from the outputs of '
             f"<code>dvc repro</code>; self-contained, works offline.</p>\n{_table(facts)}")
@@ -283,8 +287,8 @@ def _epoch_section(epoch_png: bytes, history: dict[str, list[tuple[int, float]]]
             rows.append([key, f"{_fmt(best)} (epoch {best_epoch})", f"{_fmt(final)} (epoch {final_epoch})"])
     body = (_img(epoch_png, "FID and KID per epoch")
             + _table(rows, ["metric", "best (lowest) during training", "final (last evaluation)"])
-            + '<p class="muted">Logged to the MLflow run during training (train.eval_every); '
-              'metrics/eval.json below holds the final models\' scores.</p>')
+            + f'<p class="muted">From {paths.TRAIN_EVAL}, scored during training (train.eval_every); '
+              f'the metrics below are the final models\' scores.</p>')
     return _section("per-epoch", "FID/KID per epoch", body)
 
 
@@ -327,7 +331,7 @@ def _metrics_section(inputs: Inputs) -> str:
     if isinstance(protocol, dict):
         parts += ["<h3>Protocol</h3>", _table(protocol.items(), ("", ""))]
     parts += [f"<h3>Training ({paths.TRAIN_METRICS})</h3>", _table(sorted(inputs.train.items()), ("metric", "value"))]
-    return _section("metrics", f"Metrics ({paths.EVAL_METRICS})", "\n".join(parts))
+    return _section("metrics", f"Metrics ({paths.EVAL_DETAILS})", "\n".join(parts))
 
 
 def _comparison_section(comparison: Comparison, run_id: str) -> str:
@@ -344,7 +348,8 @@ def _comparison_section(comparison: Comparison, run_id: str) -> str:
     return _section("experiments", "Experiments", intro + body + _img(plot_png(comparison), "metrics vs param"))
 
 
-def render(inputs: Inputs, figures: dict[str, bytes | None]) -> str:
+def render(inputs: Inputs, figures: dict[str, bytes | None], with_run: bool = False) -> str:
+    """The page; `with_run` adds what only the MLflow store knows (the copy logged to the run)."""
     sections = [
         _header(inputs),
         _dataset_section(inputs),
@@ -353,7 +358,7 @@ def render(inputs: Inputs, figures: dict[str, bytes | None]) -> str:
     if figures.get("per_epoch"):
         sections.append(_epoch_section(figures["per_epoch"], inputs.epoch_history))
     sections += [_samples_section(inputs), _metrics_section(inputs)]
-    if inputs.comparison is not None:
+    if with_run and inputs.comparison is not None:
         sections.append(_comparison_section(inputs.comparison, inputs.run_id))
     title = f"CycleGAN report: {inputs.cfg.data.dataset}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -370,18 +375,20 @@ def _write_png(path: Path, png: bytes) -> Path:
 def build(cfg: Config) -> Path:
     """Write reports/index.html and its PNGs, and log them to the run; returns the page's path."""
     inputs = read_local_inputs(cfg)
-    figures: dict[str, bytes | None] = {"losses": loss_curves_png(inputs.losses)}
+    figures: dict[str, bytes | None] = {
+        "losses": loss_curves_png(inputs.losses),
+        "per_epoch": epoch_metrics_png(inputs.epoch_history) if inputs.epoch_history else None}
+    written = [_write_png(LOSS_PNG, figures["losses"])]
+    if figures["per_epoch"]:
+        written.append(_write_png(EPOCH_PNG, figures["per_epoch"]))
+    written += [_write_png(SAMPLE_PNG[d], png) for d, png in inputs.samples.items()]
+    for stale in {EPOCH_PNG, *SAMPLE_PNG.values()} - set(written):  # from an earlier report
+        stale.unlink(missing_ok=True)
+    write_text(REPORT, render(inputs, figures))
     with tracking.reattach(cfg) as mlflow:
         read_run_inputs(inputs, mlflow)
-        figures["per_epoch"] = epoch_metrics_png(inputs.epoch_history) if inputs.epoch_history else None
-        written = [_write_png(LOSS_PNG, figures["losses"])]
-        if figures["per_epoch"]:
-            written.append(_write_png(EPOCH_PNG, figures["per_epoch"]))
-        written += [_write_png(SAMPLE_PNG[d], png) for d, png in inputs.samples.items()]
-        for stale in {EPOCH_PNG, *SAMPLE_PNG.values()} - set(written):  # from an earlier report
-            stale.unlink(missing_ok=True)
-        write_text(REPORT, render(inputs, figures))
-        for path in (REPORT, *written):
+        mlflow.log_text(render(inputs, figures, with_run=True), f"{ARTIFACT_DIR}/{REPORT.name}")
+        for path in written:
             mlflow.log_artifact(str(path), ARTIFACT_DIR)
     print(f"cyclegan report: {REPORT} (+ {', '.join(p.name for p in written)}), logged to MLflow run "
           f"{inputs.run_id}", file=sys.stderr)

@@ -1,8 +1,10 @@
 """`cyclegan train`: train CycleGAN on data/prepared/<name>, resuming from models/checkpoints.
 
-Writes models/G_A.pt (A->B) and models/G_B.pt (B->A), metrics/train.json, the per-step loss
-plot metrics/train_losses.csv, and logs params, losses, LR, throughput, a sample grid per epoch
-and (train.eval_every) FID/KID to MLflow.
+Writes models/G_A.safetensors (A->B) and G_B.safetensors (B->A), metrics/train.json (the final
+losses), the per-step loss plot metrics/train_losses.csv and the per-epoch FID/KID plot
+metrics/train_eval.csv (train.eval_every); logs params, losses, LR, throughput, a sample grid per
+epoch and the FID/KID to MLflow. What DVC hashes is a function of data, params and code alone:
+throughput and wall time go to MLflow and the terminal only.
 
 The algorithm is cyclegan.model.CycleGAN; this module is its driver: the device, precision
 and wrappers, the loop over epochs (an epoch is max(|A|, |B|) samples, each A image with a random
@@ -46,8 +48,7 @@ from ..generators import save_generator, translate_array
 from ..model import LOSS_TERMS, CycleGAN
 from ..runtime import build_model, configure_torch
 
-# Columns of metrics/train_losses.csv that depend on the machine rather than on the training.
-TIMING_COLUMNS = ("images_per_s",)
+EVAL_COLUMNS = ("epoch", "fid_A2B", "fid_B2A", "kid_A2B", "kid_B2A")
 
 
 def add_arguments(parser) -> None:
@@ -107,18 +108,19 @@ def _fid_kid(model: CycleGAN, cfg: Config, test_A: np.ndarray, test_B: np.ndarra
         with model.inference(), exact_fp32():  # as the translate stage computes them
             fake = translate_array(model.nets[G], source, cfg.eval.batch_size, model.device)
         scores = fid_kid(fake, reference, cfg)
-        out[f"train_fid_{direction}"] = scores["fid"]
-        out[f"train_kid_{direction}"] = scores["kid"]
+        out[f"fid_{direction}"] = scores["fid"]
+        out[f"kid_{direction}"] = scores["kid"]
     return out
 
 
-def _write_losses(history: list[dict[str, float]]) -> None:
-    if not history:
+def _write_csv(path: Path, rows: list[dict[str, float]], columns: tuple[str, ...] | None = None) -> None:
+    """Rows as CSV; with `columns`, a header-only file when there are no rows (DVC needs the file)."""
+    if not rows and columns is None:
         return
-    with atomic_path(paths.TRAIN_LOSSES) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns or rows[0]))
         writer.writeheader()
-        writer.writerows(history)
+        writer.writerows(rows)
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -194,12 +196,12 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                  "channels_last": model.memory_format == torch.channels_last,
                  "deterministic": t.deterministic, "compile": t.compile}
     state = _open_checkpoint(fp, execution, fresh, ddp)
-    progress, history, run_id = Progress(), [], None
+    progress, history, eval_history, run_id = Progress(), [], [], None
     if state is not None:
         model.load_state_dict(state["model"])
         model.load_rank_state(state["ranks"][ddp.rank])
         progress = Progress(state["epoch"], state["position"], state["step"])
-        history, run_id = state["history"], state["mlflow_run_id"]
+        history, eval_history, run_id = state["history"], state["eval_history"], state["mlflow_run_id"]
         del state  # the loaded copy of every tensor is no longer needed
     if ddp.main:
         print(f"cyclegan train: {total_steps} steps ({n_epochs_total} epochs of {steps_per_epoch} steps, "
@@ -221,10 +223,10 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         if ddp.main:
             checkpoint.save({"model": model.state_dict(), "ranks": ranks, "epoch": progress.epoch,
                              "position": progress.position, "step": progress.step, "history": history,
-                             "mlflow_run_id": run_id, "fingerprint": fp, "config": cfg.to_dict(),
+                             "eval_history": eval_history, "mlflow_run_id": run_id, "fingerprint": fp, "config": cfg.to_dict(),
                              "world": ddp.world, "execution": execution},
                             run_dir, progress.step, t.keep_checkpoints)
-            _write_losses(history)
+            _write_csv(paths.TRAIN_LOSSES, history)
 
     run = tracking.start_training_run(cfg, run_id) if ddp.main else contextlib.nullcontext()
     t_start, images_seen = time.perf_counter(), 0
@@ -265,13 +267,14 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                     values = dict(zip(LOSS_TERMS, values.tolist()))
                     now = time.perf_counter()
                     row = {"step": progress.step, "epoch": progress.epoch + 1, "lr": model.lr,
-                           **{f"loss_{k}": values[k] for k in LOSS_TERMS},
-                           "images_per_s": window_images / max(now - window_start, 1e-9)}
-                    window_start, window_images = now, 0
+                           **{f"loss_{k}": values[k] for k in LOSS_TERMS}}
                     history.append(row)
                     if ddp.main and progress.step > logged_step:
-                        mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=progress.step)
+                        mlflow.log_metrics({**{k: v for k, v in row.items() if k != "step"},
+                                            "images_per_s": window_images / max(now - window_start, 1e-9)},
+                                           step=progress.step)
                         bar.set_postfix(G_A=f"{values['G_A']:.3f}", cyc=f"{values['cycle_A']:.3f}")
+                    window_start, window_images = now, 0
                 if progress.step % t.checkpoint_every == 0:
                     save_checkpoint()
                 if progress.step >= total_steps:
@@ -282,9 +285,12 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
                 if ddp.main:
                     if cfg.eval.n_samples:
                         _log_sample_grids(mlflow, model, samples, progress.epoch)
-                    if t.eval_every and progress.epoch % t.eval_every == 0 and progress.epoch > logged_epoch:
+                    if t.eval_every and progress.epoch % t.eval_every == 0:
                         test_A, test_B = np.array(data.array("testA")), np.array(data.array("testB"))
-                        mlflow.log_metrics(_fid_kid(model, cfg, test_A, test_B), step=progress.epoch)
+                        scores = _fid_kid(model, cfg, test_A, test_B)
+                        eval_history.append({"epoch": progress.epoch, **scores})
+                        if progress.epoch > logged_epoch:
+                            mlflow.log_metrics({f"train_{k}": v for k, v in scores.items()}, step=progress.epoch)
                 ddp.barrier()  # the other ranks wait while rank 0 evaluates
             save_checkpoint()
         bar.close()
@@ -292,20 +298,20 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         guard.check(ddp)
         if ddp.main:
             paths.MODELS.mkdir(exist_ok=True)
-            save_generator(model.nets["G_A"], cfg.model, "A2B", paths.MODELS / "G_A.pt")
-            save_generator(model.nets["G_B"], cfg.model, "B2A", paths.MODELS / "G_B.pt")
-            _write_losses(history)
-            elapsed = time.perf_counter() - t_start
+            save_generator(model.nets["G_A"], cfg.model, "A2B", paths.GENERATORS["G_A"])
+            save_generator(model.nets["G_B"], cfg.model, "B2A", paths.GENERATORS["G_B"])
+            _write_csv(paths.TRAIN_LOSSES, history)
+            _write_csv(paths.TRAIN_EVAL, eval_history, EVAL_COLUMNS)
             last = history[-min(len(history), 5):]
-            summary: dict[str, Any] = (
-                {f"loss_{k}": float(np.mean([r[f"loss_{k}"] for r in last])) for k in LOSS_TERMS} if last else {})
-            summary.update({"steps": progress.step, "epochs": progress.epoch, "device": device.type,
-                            "processes": ddp.world, "global_batch": global_batch,
-                            "identity_weight_effective": cfg.identity_weight,
-                            "images_per_s_this_run": images_seen / elapsed if images_seen else 0.0,
-                            "train_seconds_this_run": elapsed})
-            write_json(paths.TRAIN_METRICS, summary)
-            mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, float)},
-                               step=progress.step)
+            final = {f"loss_{k}": float(np.mean([r[f"loss_{k}"] for r in last])) for k in LOSS_TERMS} if last else {}
+            write_json(paths.TRAIN_METRICS, final)
+            elapsed = time.perf_counter() - t_start
+            timing = {"images_per_s_this_run": images_seen / elapsed if images_seen else 0.0,
+                      "train_seconds_this_run": elapsed}
+            mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **timing}, step=progress.step)
+            mlflow.set_tags({"processes": ddp.world, "global_batch": global_batch, "device_used": device.type})
             mlflow.log_artifact(str(paths.TRAIN_LOSSES))
+            tracking.tag_generators(mlflow)
+            print(f"cyclegan train: {progress.step} steps, {images_seen} images in {elapsed:.0f} s this run "
+                  f"({timing['images_per_s_this_run']:.2f} images/s)")
     ddp.barrier()

@@ -25,8 +25,9 @@ from ..generators import load_generator, translate_array
 
 def add_arguments(parser) -> None:
     parser.add_argument("--input", type=Path, help="a folder of images to translate (instead of the test sets)")
-    parser.add_argument("--generator", type=Path, default=paths.MODELS / "G_A.pt",
-                        help="generator file for --input (models/G_A.pt: A->B, models/G_B.pt: B->A)")
+    parser.add_argument("--generator", type=Path, default=paths.GENERATORS["G_A"],
+                        help="generator file for --input (models/G_A.safetensors: A->B, models/G_B.safetensors: "
+                             "B->A; .pt files of cyclegan <= 0.1 are still read)")
     parser.add_argument("--output", type=Path, help="output folder for --input")
 
 
@@ -58,8 +59,8 @@ def translate_test_sets(cfg: Config, device: torch.device) -> None:
     name = dataset_name(cfg.data.dataset)
     data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
     with atomic_dir(paths.TRANSLATED) as out:
-        for direction, split, gen in (("A2B", "testA", "G_A.pt"), ("B2A", "testB", "G_B.pt")):
-            net = load_generator(paths.MODELS / gen, device)
+        for direction, split, gen in (("A2B", "testA", "G_A"), ("B2A", "testB", "G_B")):
+            net = load_generator(paths.GENERATORS[gen], device)
             (out / direction).mkdir()
             if cfg.eval.full_resolution:
                 raw = paths.RAW / name / split
