@@ -6,6 +6,8 @@ PREPARED = Path("data/prepared")
 TRANSLATED = Path("data/translated")
 MODELS = Path("models")
 CHECKPOINTS = MODELS / "checkpoints"
+# Generators to start training from (train.init_from): the train stage depends on this folder.
+INIT = MODELS / "init"
 MLFLOW_RUN = MODELS / "mlflow_run.json"
 METRICS = Path("metrics")
 TRAIN_METRICS = METRICS / "train.json"
