@@ -131,6 +131,7 @@ def dvc_project(tmp: Path, env: dict[str, str]) -> Path:
     repo = tmp / "project"
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copytree(ROOT / "models/init", repo / "models/init")  # a dependency of the train stage
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, PARAMS), sort_keys=False))
     # dvc.yaml lists the stage sources as deps; the installed package is what runs.

@@ -43,19 +43,23 @@ NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every
                              "eval_every", "max_steps", "compile", "channels_last", "deterministic")
 
 
-def fingerprint(cfg: Config, data_hash: str, code_hash: str) -> str:
+def fingerprint(cfg: Config, data_hash: str, code_hash: str, init_hashes: dict[str, str] | None = None) -> str:
     """The run a checkpoint belongs to: every param that defines what is trained, the data, and
     the code that trains it (cyclegan.sources: a change there makes DVC rerun the stage, and a
-    resumed run would mix two versions of the algorithm).
+    resumed run would mix two versions of the algorithm), and the content (sha256) of the
+    generators it starts from, `init_hashes` (train.init_from; their paths are not in it: the same
+    weights under another name are the same run).
 
     Not how it executes: the device, channels_last, compile or deterministic kernels round
     differently but train the same model, so a run may resume under other settings; so may
     `precision: auto` on a GPU (bf16) after a CPU start (fp32).
     """
-    train = {k: v for k, v in asdict(cfg.train).items() if k not in NON_SEMANTIC_TRAIN_PARAMS}
+    train = {k: v for k, v in asdict(cfg.train).items() if k not in (*NON_SEMANTIC_TRAIN_PARAMS, "init_from")}
     key = {"lambda_cycle": cfg.lambda_cycle, "lambda_identity": cfg.lambda_identity, "seed": cfg.seed,
            "model": asdict(cfg.model), "train": train, "crop": cfg.data.crop_size,
            "no_flip": cfg.data.no_flip, "data": data_hash, "code": code_hash}
+    if init_hashes:  # absent from scratch, so such runs keep the key they had before init_from
+        key["init"] = init_hashes
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -16,7 +16,14 @@ STAGES = {
     "evaluate": "FID and KID with torch-fidelity, and ground-truth error on the embedded dataset",
     "report": "Write reports/index.html",
     "compare": "Compare experiments (dvc exp show or MLflow) against a param",
+    "import-authors": "Convert one of the authors' generators (an official name or a .pth) to our file",
 }
+# Commands that work outside a project: they read no params.yaml.
+NO_PARAMS = {"import-authors"}
+
+
+def _module(command: str) -> str:
+    return f"cyclegan.stages.{command.replace('-', '_')}"
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -27,7 +34,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen stage is imported: stages import heavy libraries (torch-fidelity, mlflow).
         if name in argv:
-            module = importlib.import_module(f"cyclegan.stages.{name}")
+            module = importlib.import_module(_module(name))
             if hasattr(module, "add_arguments"):
                 module.add_arguments(p)
     return parser
@@ -37,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
-        cfg = load_config(args.params)
-        importlib.import_module(f"cyclegan.stages.{args.stage}").main(cfg, args)
+        cfg = None if args.stage in NO_PARAMS else load_config(args.params)
+        importlib.import_module(_module(args.stage)).main(cfg, args)
     except UserError as e:
         print(f"cyclegan {args.stage}: error: {e}", file=sys.stderr)
         return 2

@@ -7,13 +7,15 @@ names the key and the fix (`ConfigError`).
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
+from . import paths
 from .errors import UserError
 
 PARAMS_FILE = "params.yaml"
@@ -64,6 +66,15 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class InitFromConfig:
+    """Generator files (ours, e.g. from `cyclegan import-authors`) in models/init/ to start from;
+    "" starts that generator from random weights."""
+
+    G_A: str = ""
+    G_B: str = ""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     gan_mode: str = "lsgan"
     batch_size: int = 1
@@ -100,6 +111,8 @@ class TrainConfig:
     eval_every: int = 0
     # Stop after this many optimisation steps (0: run all epochs); for smoke tests.
     max_steps: int = 0
+    # With n_epochs and n_epochs_decay 0, the init_from generators are the result, unchanged.
+    init_from: InitFromConfig = field(default_factory=InitFromConfig)
 
 
 @dataclass(frozen=True)
@@ -238,8 +251,17 @@ def _check(cfg: Config) -> None:
     for key in nonneg:
         if flat[key] < 0:
             fail(key, f"must be >= 0, got {flat[key]}")
-    if cfg.train.n_epochs + cfg.train.n_epochs_decay < 1:
-        fail("train.n_epochs", "plus train.n_epochs_decay must be >= 1")
+    init = cfg.train.init_from
+    for name in ("G_A", "G_B"):
+        path = getattr(init, name)
+        parts = PurePosixPath(posixpath.normpath(path)).parts
+        if path and (len(parts) < 3 or parts[:2] != paths.INIT.parts):
+            # DVC reruns train when a file of that folder changes; a file elsewhere it would not see.
+            fail(f"train.init_from.{name}", f"is {path!r}: generator files to start from must be in "
+                 f"{paths.INIT}/, which the train stage of dvc.yaml depends on; move it there")
+    if cfg.train.n_epochs + cfg.train.n_epochs_decay < 1 and not (init.G_A or init.G_B):
+        fail("train.n_epochs", "plus train.n_epochs_decay must be >= 1 (0 only with train.init_from, "
+             "to evaluate those generators as they are)")
     if cfg.data.crop_size > cfg.data.load_size:
         fail("data.crop_size", f"({cfg.data.crop_size}) must not exceed data.load_size ({cfg.data.load_size})")
     if any(not 0 <= c <= 255 for c in cfg.data.alpha_background):

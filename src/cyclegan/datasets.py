@@ -280,31 +280,35 @@ def _fetch_once(url: str, part: Path, timeout: float, desc: str) -> bool:
 
 
 def http_download(url: str, part: Path, *, name: str, retries: int | None = None,
-                  backoff: float | None = None, timeout: float | None = None) -> None:
+                  backoff: float | None = None, timeout: float | None = None, file_name: str | None = None,
+                  url_env: str = URL_ENV, check: str = "data.dataset") -> None:
     """Download `url` into `part`, resuming what is there; retries 5xx and network failures.
 
-    Defaults come from the module constants (and CYCLEGAN_DOWNLOAD_BACKOFF) at call time.
+    Defaults come from the module constants (and CYCLEGAN_DOWNLOAD_BACKOFF) at call time. The
+    messages name `file_name` (default <name>.zip), the mirror variable `url_env` and, for a 404,
+    what to `check`: other downloads (the authors' generators) say theirs.
     """
     retries = RETRIES if retries is None else retries
     backoff = backoff_s() if backoff is None else backoff
     timeout = TIMEOUT_S if timeout is None else timeout
+    file_name = file_name or f"{name}.zip"
     part.parent.mkdir(parents=True, exist_ok=True)
     fix = (
-        f"check the network, or set {URL_ENV} to a mirror, a file:// URL or a local folder "
-        f"holding {name}.zip"
+        f"check the network, or set {url_env} to a mirror, a file:// URL or a local folder "
+        f"holding {file_name}"
     )
     failures = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
-            if _fetch_once(url, part, timeout, f"{name}.zip"):
+            if _fetch_once(url, part, timeout, file_name):
                 return
             error = "the connection closed before the end of the file"
         except urllib.error.HTTPError as e:
             if e.code in (404, 410):
                 part.unlink(missing_ok=True)
-                raise UserError(f"{url}: not found (HTTP {e.code}); check data.dataset, or set {URL_ENV} "
-                                f"to a server or folder that holds {name}.zip") from None
+                raise UserError(f"{url}: not found (HTTP {e.code}); check {check}, or set {url_env} "
+                                f"to a server or folder that holds {file_name}") from None
             if e.code == 416:  # our partial file is not a prefix the server knows: start over
                 part.unlink(missing_ok=True)
             elif e.code < 500 and e.code not in (408, 429):

@@ -7,6 +7,8 @@ TRANSLATED = Path("data/translated")
 MODELS = Path("models")
 CHECKPOINTS = MODELS / "checkpoints"
 GENERATORS = {"G_A": MODELS / "G_A.safetensors", "G_B": MODELS / "G_B.safetensors"}  # A->B, B->A
+# Generators to start training from (train.init_from): the train stage depends on this folder.
+INIT = MODELS / "init"
 METRICS = Path("metrics")
 TRAIN_METRICS = METRICS / "train.json"
 TRAIN_LOSSES = METRICS / "train_losses.csv"

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import checkpoint, paths, sources, tracking
+from .. import checkpoint, init_from, paths, sources, tracking
 from ..config import Config
 from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
 from ..device import exact_fp32
@@ -48,6 +48,7 @@ from ..generators import save_generator, translate_array
 from ..model import LOSS_TERMS, CycleGAN
 from ..runtime import build_model, configure_torch
 
+LOSS_COLUMNS = ("step", "epoch", "lr", *(f"loss_{k}" for k in LOSS_TERMS))
 EVAL_COLUMNS = ("epoch", "fid_A2B", "fid_B2A", "kid_A2B", "kid_B2A")
 
 
@@ -190,7 +191,11 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         total_steps = min(total_steps, t.max_steps)
 
     model = build_model(cfg, device, ddp)
-    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), sources.sources_sha256("train"))
+    initial = init_from.load(cfg)
+    for name, init in initial.items():  # every rank loads the same file: the ranks stay in step
+        model.nets[name].load_state_dict(init.state_dict)
+    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), sources.sources_sha256("train"),
+                                {name: init.sha256 for name, init in initial.items()})
     run_dir = checkpoint.run_folder(paths.CHECKPOINTS, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
                  "channels_last": model.memory_format == torch.channels_last,
@@ -206,7 +211,13 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
     if ddp.main:
         print(f"cyclegan train: {total_steps} steps ({n_epochs_total} epochs of {steps_per_epoch} steps, "
               f"global batch {global_batch}) on {ddp.world} x {device.type}, "
-              f"{'bf16 autocast' if model.bf16 else 'fp32'}")
+              f"{'bf16 autocast' if model.bf16 else 'fp32'}"
+              + "".join(f", {name} from {init.path}" for name, init in initial.items()))
+        if n_epochs_total == 0:
+            untrained = [name for name in model.nets if name.startswith("G_") and name not in initial]
+            if untrained:
+                print(f"cyclegan train: 0 epochs; {' and '.join(untrained)} not in train.init_from: written "
+                      f"with random weights, their scores mean nothing")
 
     samples = {"A2B": np.array(data.array("testA")[:cfg.eval.n_samples]),
                "B2A": np.array(data.array("testB")[:cfg.eval.n_samples])}
@@ -234,6 +245,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         logged_step = logged_epoch = 0
         if ddp.main:
             run_id = mlflow.active_run().info.run_id
+            if initial:
+                mlflow.set_tags({f"init_{name}_sha256": init.sha256 for name, init in initial.items()})
             # On CPU the repeated steps compute the same values; on GPU nearly the same.
             logged_step = tracking.last_logged_step(mlflow, "loss_G_A")
             logged_epoch = tracking.last_logged_step(mlflow, "train_fid_A2B")
@@ -300,7 +313,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
             paths.MODELS.mkdir(exist_ok=True)
             save_generator(model.nets["G_A"], cfg.model, "A2B", paths.GENERATORS["G_A"])
             save_generator(model.nets["G_B"], cfg.model, "B2A", paths.GENERATORS["G_B"])
-            _write_csv(paths.TRAIN_LOSSES, history)
+            _write_csv(paths.TRAIN_LOSSES, history, LOSS_COLUMNS)  # header only after 0 epochs (init_from)
             _write_csv(paths.TRAIN_EVAL, eval_history, EVAL_COLUMNS)
             last = history[-min(len(history), 5):]
             final = {f"loss_{k}": float(np.mean([r[f"loss_{k}"] for r in last])) for k in LOSS_TERMS} if last else {}
