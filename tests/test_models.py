@@ -132,6 +132,26 @@ def test_gradient_penalty_measures_the_distance_of_the_gradient_norm_from_one():
     assert gradient_penalty(Scaled(1.0), x, -x, weight=10).item() == pytest.approx(10 * (2 - 1) ** 2)
 
 
+def test_gradient_penalty_is_taken_at_the_seeded_random_interpolates_and_trains_D():
+    class Quadratic(nn.Module):  # D(x) = s/2 * |x|^2: its input gradient is s * x, so it shows where it was taken
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, x):
+            return 0.5 * self.s * (x ** 2).sum(dim=(1, 2, 3))
+
+    real, fake = torch.randn(3, 2, 2, 2), torch.randn(3, 2, 2, 2)
+    alpha = torch.rand(3, 1, 1, 1, generator=torch.Generator().manual_seed(5))  # one per sample
+    expected = 10 * ((0.7 * (alpha * real + (1 - alpha) * fake).flatten(1).norm(dim=1) - 1) ** 2).mean()
+    D = Quadratic()
+    torch.manual_seed(99)  # the global RNG is not the one the penalty draws from
+    penalty = gradient_penalty(D, real, fake, weight=10, generator=torch.Generator().manual_seed(5))
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    penalty.backward()  # the penalty is a loss of D: it reaches D's parameters through the gradient
+    assert D.s.grad is not None and D.s.grad.abs().item() > 0
+
+
 def test_image_pool_fills_then_swaps_half_the_time():
     pool = ImagePool(4, seed=0)
     first = torch.arange(4.0).view(4, 1, 1, 1)
@@ -144,6 +164,16 @@ def test_image_pool_fills_then_swaps_half_the_time():
         assert len(pool.images) == 4
     assert 70 < returned_old < 130  # p = 0.5
     assert torch.equal(ImagePool(0).query(first), first)
+
+
+def test_an_empty_or_disabled_pool_checkpoints_and_restores():
+    for size in (0, 3):  # pool_size 0 (no pool), or a checkpoint before any fake was made
+        buffer = io.BytesIO()
+        torch.save(ImagePool(size, seed=1).state_dict(), buffer)
+        buffer.seek(0)
+        restored = ImagePool(size, seed=99)
+        restored.load_state_dict(torch.load(buffer, weights_only=True))
+        assert restored.images == [] and restored.rng.getstate() == ImagePool(size, seed=1).rng.getstate()
 
 
 def test_image_pool_state_round_trips_through_weights_only_load():
