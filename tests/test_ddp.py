@@ -97,7 +97,7 @@ def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypa
     first = torchrun(tmp_path)
     assert first.returncode == 0, first.stderr
     state = torch.load(tmp_path / run_dir(tmp_path) / "step_000000007.pt", weights_only=True)
-    assert state["world"] == 2 and state["epoch"] == 1 and state["position"] == 2
+    assert state["execution"]["world"] == 2 and state["epoch"] == 1 and state["position"] == 2
     assert len(state["ranks"]) == 2
     pools = [r["pool_A"]["images"] for r in state["ranks"]]
     assert pools[0].shape == pools[1].shape == (7, 3, 28, 28) and not torch.equal(*pools)

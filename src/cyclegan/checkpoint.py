@@ -142,7 +142,7 @@ def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: boo
         _note_other_runs(root, folder)
         return None
     state, path = loaded
-    before = state.get("execution") or {"world": state.get("world", 1)}
+    before = state["execution"]
     if before["world"] != execution["world"]:
         raise UserError(f"{path} was written by {before['world']} training processes, this run has "
                         f"{execution['world']}: resume it with {before['world']} (torchrun --nproc_per_node), "
@@ -155,11 +155,12 @@ def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: boo
 
 def _note_other_runs(root: Path, folder: Path) -> None:
     """Say what else `root` holds: a new run never deletes another's training state."""
-    others = [d for d in root.iterdir() if d.is_dir() and d != folder and list_checkpoints(d)] if root.is_dir() else []
+    subfolders = [d for d in root.iterdir() if d.is_dir() and d != folder] if root.is_dir() else []
+    others = [files for files in map(list_checkpoints, subfolders) if files]
     legacy = list_checkpoints(root)  # the flat layout of earlier versions
     if not others and not legacy:
         return
-    size = sum(f.stat().st_size for d in others for f in list_checkpoints(d)) + sum(f.stat().st_size for f in legacy)
+    size = sum(f.stat().st_size for files in [*others, legacy] for f in files)
     parts = [f"{len(others)} other run{'s' * (len(others) != 1)}"] if others else []
     parts += ["checkpoints of an earlier version"] if legacy else []
     what = " and ".join(parts)

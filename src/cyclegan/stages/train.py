@@ -235,7 +235,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
             checkpoint.save({"model": model.state_dict(), "ranks": ranks, "epoch": progress.epoch,
                              "position": progress.position, "step": progress.step, "history": history,
                              "eval_history": eval_history, "mlflow_run_id": run_id, "fingerprint": fp, "config": cfg.to_dict(),
-                             "world": ddp.world, "execution": execution},
+                             "execution": execution},
                             run_dir, progress.step, t.keep_checkpoints)
             _write_csv(paths.TRAIN_LOSSES, history)
 
