@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import textwrap
 from argparse import Namespace
@@ -306,3 +307,85 @@ def test_main_over_seeds_writes_settings_and_differences(seed_grid, project, cap
     assert "| fid_A2B | lambda_identity=1 | lambda_identity=0 | 1 | [-9.952, 11.95] | no |" in md
     out = capsys.readouterr()
     assert "104 ± 4 [94.06, 113.9]" in out.out and "10 experiments in 4 settings from mlflow" in out.err
+
+
+# The README's sweep, small: a stand-in for train + evaluate that logs to MLflow through
+# cyclegan.tracking, as the pipeline's stages do, inside `dvc exp run --queue`.
+SWEEP_STAGE = """\
+import json, os, yaml
+from cyclegan import tracking
+from cyclegan.config import config_from_dict
+p = yaml.safe_load(open("params.yaml"))
+fid = {(0.0, 0): 100.0, (0.0, 1): 104.0, (1.0, 0): 90.0, (1.0, 1): 91.0}[(float(p["lambda_identity"]), p["seed"])]
+os.makedirs("metrics", exist_ok=True)
+json.dump({"fid_A2B": fid}, open("metrics/eval.json", "w"))
+with tracking.start_training_run(config_from_dict(p)) as mlflow:
+    mlflow.log_metrics({"fid_A2B": fid})
+"""
+
+
+def _exp_states(repo: Path) -> dict[str, tuple[str, str]]:
+    """Experiment name -> (state, commit)."""
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
+    return {exp["name"]: (((exp.get("executor") or {}).get("state")) or "success", exp["revs"][0]["rev"])
+            for entry in shown for exp in entry.get("experiments") or []}
+
+
+@pytest.mark.slow
+def test_queued_seed_sweep_groups_by_setting_and_links_dvc_commits(tmp_path, monkeypatch):
+    import time
+
+    from helpers import mlflow_client
+
+    repo = tmp_path / "sweep"
+    repo.mkdir()
+    (repo / "stage.py").write_text(SWEEP_STAGE)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"lambda_cycle": 10.0, "lambda_identity": 0.5, "seed": 0}))
+    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
+    (repo / "dvc.yaml").write_text(textwrap.dedent(f"""\
+        stages:
+          evaluate:
+            cmd: {sys.executable} stage.py
+            deps: [stage.py]
+            params: [lambda_identity, seed]
+            metrics:
+              - metrics/eval.json:
+                  cache: false
+        """))
+    # The default store, at the root of the repo the queue belongs to (tracking.tracking_uri).
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _run(["git", "init", "-q"], repo)
+    dvc("init", "-q", cwd=repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "baseline"], repo)
+    baseline = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    dvc("exp", "run", "--queue", "-S", "lambda_identity=0,1", "-S", "seed=0,1", cwd=repo)
+    try:
+        dvc("queue", "start", "-j", "1", cwd=repo)
+        deadline = time.monotonic() + 300
+        while not (states := _exp_states(repo)) or any(s not in ("success", "failed") for s, _ in states.values()):
+            assert time.monotonic() < deadline, f"the queue did not finish: {states}"
+            time.sleep(2)
+    finally:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo,
+                       env={**os.environ, **GIT_DVC_ENV}, capture_output=True, timeout=120)
+    assert len(states) == 4 and {s for s, _ in states.values()} == {"success"}, states
+
+    client = mlflow_client(repo)
+    experiment_id = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment_id])
+    assert sorted(r.data.tags["dvc_exp_name"] for r in runs) == sorted(states)
+    assert {r.data.tags["dvc_exp_baseline_rev"] for r in runs} == {baseline}
+    assert not any(tracking.EXP_COMMIT_TAG in r.data.tags for r in runs)  # DVC commits after the stages
+
+    env = {**os.environ, **GIT_DVC_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for source in ("mlflow", "dvc"):
+        out = run(["cyclegan", "compare", "--source", source, "--metric", "fid_A2B"], repo, env, timeout=300)
+        settings = pd.read_csv(repo / "reports/compare_settings.csv")
+        assert list(settings["lambda_identity"]) == [0.0, 1.0] and list(settings["n"]) == [2, 2], source
+        assert list(settings["fid_A2B_mean"]) == [102.0, 90.5] and list(settings["seeds"]) == ["0 1", "0 1"], source
+        assert "4 experiments in 2 settings from " + source in out.stderr
+        # The first compare tags each run with its experiment's commit; the second has nothing to add.
+        assert ("4 MLflow runs tagged with their dvc exp commit" in out.stderr) == (source == "mlflow")
+    for r in client.search_runs([experiment_id]):
+        assert r.data.tags[tracking.EXP_COMMIT_TAG] == states[r.data.tags["dvc_exp_name"]][1]
