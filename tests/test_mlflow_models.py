@@ -32,14 +32,14 @@ REGISTERED = "h2z-test"
 
 
 @dataclass(frozen=True)
-class Trained:
+class Registered:
     root: Path
     run_id: str
     models: dict  # "G_A"/"G_B" -> the LoggedModel
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Trained:
+def registered(tmp_path_factory) -> Registered:
     """`cyclegan train` (2 epochs of 12 steps) registering G_A, sampling system metrics every 0.5 s."""
     import mlflow
 
@@ -54,16 +54,16 @@ def trained(tmp_path_factory) -> Trained:
         run = mlflow_client().get_run(rid)
         models = {m.name: m for m in (mlflow_client().get_logged_model(o.model_id) for o in run.outputs.model_outputs)}
         mlflow.set_tracking_uri(None)
-    return Trained(root, rid, models)
+    return Registered(root, rid, models)
 
 
 @pytest.fixture
-def in_project(trained, monkeypatch) -> Trained:
+def in_project(registered, monkeypatch) -> Registered:
     import mlflow
 
-    enter_project(monkeypatch, trained.root)
-    mlflow.set_tracking_uri(tracking_uri(trained.root))
-    yield trained
+    enter_project(monkeypatch, registered.root)
+    mlflow.set_tracking_uri(tracking_uri(registered.root))
+    yield registered
     mlflow.set_tracking_uri(None)
 
 
