@@ -13,9 +13,15 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -237,3 +243,51 @@ def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "init"], dest, env)
     return dest, env
+
+
+# --- servers ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 1.0):
+    """condition()'s first truthy value; the test fails, naming `what`, when `timeout` s pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def background_process(cmd: list[str], log: Path, env: dict[str, str] | None = None,
+                       cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A background process in its own process group, ended with everything it started."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        # SIGTERM lets the leader shut down cleanly; SIGKILL then ends any child still running.
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass

@@ -4,33 +4,28 @@ their lambda_identity and FID.
 
 The project's dvc.yaml, params.yaml and src/ are copied into a fresh git + DVC repo with tiny
 params (32 px toy images, 16 training images per domain, 8 test images, ngf 8, two epochs); the
-installed `cyclegan` runs the stages. Chromium is driven through chromedriver's W3C WebDriver
-HTTP API (urllib only) so the test can wait for the JS app to load the runs instead of guessing a
-fixed render time. With CYCLEGAN_UPDATE_SCREENSHOT=1 the screenshot replaces
-docs/mlflow_compare.png (shown in the README); otherwise it stays in the test's tmp folder.
+installed `cyclegan` runs the stages. Selenium drives Chromium through the system chromedriver
+(given as the service's path, so Selenium Manager neither looks for nor downloads a driver) and
+waits for the JS app to load the runs instead of guessing a fixed render time. With
+CYCLEGAN_UPDATE_SCREENSHOT=1 the screenshot replaces docs/mlflow_compare.png (shown in the
+README); otherwise it stays in the test's tmp folder.
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
 
-from helpers import GIT_DVC_ENV, TINY, merge, run
+from helpers import GIT_DVC_ENV, TINY, background_process, free_port, http_ok, merge, run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,83 +42,8 @@ PARAMS = merge(TINY, {
 })
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(condition, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     return run(cmd, cwd, env, timeout=300).stdout
-
-
-@contextmanager
-def _process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """A background process in its own process group, ended with everything it started."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        # SIGTERM lets the leader shut down cleanly; SIGKILL then ends any child still running.
-        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-class WebDriver:
-    """The few W3C WebDriver commands this test needs, over chromedriver's HTTP API."""
-
-    def __init__(self, base: str, args: list[str]):
-        self.base = base
-        caps = {"browserName": "chrome", "goog:chromeOptions": {"binary": CHROMIUM, "args": args}}
-        self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.load(r)["value"]
-
-    def cmd(self, method: str, path: str, body: Any = None) -> Any:
-        return self._call(method, f"/session/{self.session}{path}", body)
-
-    def get(self, url: str) -> None:
-        self.cmd("POST", "/url", {"url": url})
-
-    def js(self, script: str, *args: Any) -> Any:
-        return self.cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
-
-    def screenshot(self) -> bytes:
-        return base64.b64decode(self.cmd("GET", "/screenshot"))
-
-    def quit(self) -> None:
-        self.cmd("DELETE", "")
 
 
 def dvc_project(tmp: Path, env: dict[str, str]) -> Path:
@@ -180,7 +100,7 @@ def _metric_row(text: str, name: str, n_runs: int) -> list[str]:
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                     reason="chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
 def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     server_url = f"http://127.0.0.1:{port}"
     venv_bin = str(Path(sys.executable).parent)
     env = {
@@ -198,9 +118,9 @@ def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
               "--artifacts-destination", str(tmp_path / "artifacts")]
     # Without its background job runner (scorers, trace archival) the server starts faster.
     server_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with _process(server, tmp_path / "mlflow-server.log", server_env):
+    with background_process(server, tmp_path / "mlflow-server.log", server_env):
         repo = dvc_project(tmp_path, env)  # while the server starts
-        _wait(lambda: _http_ok(f"{server_url}/health"), 180, "mlflow server /health", poll=2)
+        wait_for(lambda: http_ok(f"{server_url}/health"), 180, "mlflow server /health", poll=2)
 
         dvc = [sys.executable, "-m", "dvc"]
         sweep = ",".join(f"{v:g}" for v in LAMBDAS)
@@ -208,9 +128,9 @@ def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
         assert list(_queue_states(repo, env).values()) == ["queued"] * 3
         try:
             _run([*dvc, "queue", "start", "-j", "1"], repo, env)
-            states = _wait(lambda: (s := _queue_states(repo, env))
-                           and all(x in ("success", "failed") for x in s.values()) and s,
-                           600, "the queued experiments", poll=5)
+            states = wait_for(lambda: (s := _queue_states(repo, env))
+                              and all(x in ("success", "failed") for x in s.values()) and s,
+                              600, "the queued experiments", poll=5)
         finally:
             subprocess.run([*dvc, "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
         failed = [name for name, state in states.items() if state == "failed"]
@@ -227,12 +147,20 @@ def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
         assert all(r.info.status == "FINISHED" and "fid_A2B" in r.data.metrics for r in runs)
         for r in runs:
             assert {a.path for a in client.list_artifacts(r.info.run_id, "report")} >= {"report/index.html"}
+            # Both generators, as models of the run, through the server's artifact proxy.
+            models = [client.get_logged_model(o.model_id) for o in client.get_run(r.info.run_id).outputs.model_outputs]
+            assert sorted(m.name for m in models) == ["G_A", "G_B"]
 
-        # `cyclegan compare` on the same sweep, from both sources.
+        # `cyclegan compare` on the same sweep, from both sources; the first also tags each run
+        # with the commit `dvc exp` made for it.
         for source in ("dvc", "mlflow"):
             _run(["cyclegan", "compare", "--source", source], repo, env)
             table = pd.read_csv(repo / "reports" / "compare.csv")
             assert list(table["lambda_identity"]) == list(LAMBDAS), source
+        commits = {e["name"]: e["revs"][0]["rev"] for entry in json.loads(_run([*dvc, "exp", "show", "--json"], repo, env))
+                   for e in entry.get("experiments") or []}
+        runs = client.search_runs([experiment.experiment_id])
+        assert {r.data.tags["dvc_exp_commit"] for r in runs} == {commits[r.data.tags["dvc_exp_name"]] for r in runs}
         by_id = {r.info.run_id: r for r in runs}
 
         # Columns in sweep order, for the screenshot; the checks below read the page's own order.
@@ -259,38 +187,52 @@ def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
 def render_compare_page(url: str, tmp: Path, runs: dict[str, Any]) -> tuple[str, bytes]:
     """The compare page's visible text once every run and its metrics have loaded, and a screenshot
     with "Show diff only" on (the params and metrics that differ come first)."""
-    port = _free_port()
-    with _process([CHROMEDRIVER, f"--port={port}"], tmp / "chromedriver.log"):
-        base = f"http://127.0.0.1:{port}"
-        _wait(lambda: _http_ok(f"{base}/status"), 30, "chromedriver", poll=0.2)
-        browser = WebDriver(base, ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                                   "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                                   "--disable-sync", "--window-size=1400,1250", f"--user-data-dir={tmp / 'chromium'}"])
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1250", f"--user-data-dir={tmp / 'chromium'}"):
+        options.add_argument(arg)
+    service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp / "chromedriver.log"))
+    browser = webdriver.Chrome(options=options, service=service)
+
+    def wait(condition, timeout: float, what: str):
         try:
-            browser.get(url)
-            run_names = [r.info.run_name for r in runs.values()]
+            return WebDriverWait(browser, timeout, poll_frequency=0.5).until(condition)
+        except TimeoutException:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
-            def loaded() -> str | None:
-                text = browser.js("return document.body ? document.body.innerText : ''")
-                done = (f"Comparing {len(runs)} Runs" in text and all(n in text for n in run_names)
-                        and "fid_A2B" in text and "lambda_identity" in text)
-                return text if done else None
+    try:
+        browser.get(url)
+        run_names = [r.info.run_name for r in runs.values()]
 
-            _wait(loaded, 90, "the compare page to show every run", poll=0.5)
-            # Close the assistant side panel, fold the charts away (their default axes show no
-            # metric of ours), and show only what differs between the runs.
-            browser.js("""
-                const close = document.querySelector('button[aria-label="Close"]');
-                if (close) close.click();
-                for (const header of document.querySelectorAll('[role="button"][aria-expanded="true"]')) {
-                    if (header.textContent.trim() === "Visualizations") header.click();
-                }
-                for (const section of ["Parameters", "Metrics", "Tags"]) {
-                    const toggle = document.querySelector(`button[aria-label="${section} - Show diff only"]`);
-                    if (toggle && toggle.getAttribute("aria-checked") !== "true") toggle.click();
-                }""")
-            text = _wait(lambda: (t := loaded()) and "data.crop_size" not in t and "Parallel Coordinates" not in t and t,
-                         30, "the diff-only view", poll=0.5)
-            return text, browser.screenshot()
-        finally:
-            browser.quit()
+        def loaded(driver) -> str | None:
+            text = driver.execute_script("return document.body ? document.body.innerText : ''")
+            done = (f"Comparing {len(runs)} Runs" in text and all(n in text for n in run_names)
+                    and "fid_A2B" in text and "lambda_identity" in text)
+            return text if done else None
+
+        wait(loaded, 90, "the compare page to show every run")
+        # Close the assistant side panel, fold the charts away (their default axes show no
+        # metric of ours), and show only what differs between the runs.
+        browser.execute_script("""
+            const close = document.querySelector('button[aria-label="Close"]');
+            if (close) close.click();
+            for (const header of document.querySelectorAll('[role="button"][aria-expanded="true"]')) {
+                if (header.textContent.trim() === "Visualizations") header.click();
+            }
+            for (const section of ["Parameters", "Metrics", "Tags"]) {
+                const toggle = document.querySelector(`button[aria-label="${section} - Show diff only"]`);
+                if (toggle && toggle.getAttribute("aria-checked") !== "true") toggle.click();
+            }""")
+        text = wait(lambda d: (t := loaded(d)) and "data.crop_size" not in t and "Parallel Coordinates" not in t and t,
+                    30, "the diff-only view")
+        return text, browser.get_screenshot_as_png()
+    finally:
+        browser.quit()

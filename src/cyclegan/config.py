@@ -130,6 +130,13 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # Register train's A->B generator model in the MLflow model registry under this name (a new
+    # version per run); "" registers nothing. Any run's model can also be registered afterwards.
+    register_as: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     # Weight of both cycle-consistency L1 terms (paper: 10).
     lambda_cycle: float = 10.0
@@ -143,6 +150,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def identity_weight(self) -> float:
@@ -266,9 +274,7 @@ def _check(cfg: Config) -> None:
         fail("data.crop_size", f"({cfg.data.crop_size}) must not exceed data.load_size ({cfg.data.load_size})")
     if any(not 0 <= c <= 255 for c in cfg.data.alpha_background):
         fail("data.alpha_background", "must hold three values in 0..255")
-    # The ResNet generator downsamples twice and the U-Nets 7 or 8 times; other sizes
-    # would produce outputs of a different size than the input.
-    multiple = {"unet_256": 256, "unet_128": 128}.get(cfg.model.netG, 4)
+    multiple = size_multiple(cfg.model.netG)
     if cfg.data.crop_size % multiple:
         fail("data.crop_size", f"({cfg.data.crop_size}) must be a multiple of {multiple} for model.netG={cfg.model.netG}")
     if cfg.model.netD == "basic" and cfg.model.n_layers_D != 3:
@@ -280,6 +286,18 @@ def _check(cfg: Config) -> None:
             size = size // 2
         if size + 2 - 3 < 1:
             fail("data.crop_size", f"({cfg.data.crop_size}) is too small for a {cfg.model.n_layers_D}-layer PatchGAN")
+    name = cfg.tracking.register_as
+    if name and (not name.strip() or "/" in name or ":" in name):
+        fail("tracking.register_as", f"is {name!r}: an MLflow model name has no '/' or ':' and is not blank; "
+                                     f"choose another, or \"\" to register nothing")
+
+
+def size_multiple(netG: str) -> int:
+    """What an image side must be a multiple of for generator `netG` to return its own size.
+
+    The ResNet generator downsamples twice and the U-Nets 7 or 8 times.
+    """
+    return {"unet_256": 256, "unet_128": 128}.get(netG, 4)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

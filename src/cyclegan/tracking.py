@@ -7,10 +7,18 @@ to an earlier experiment's outputs (`git checkout`, `dvc checkout`) leaves nothi
 outputs stay a function of data, params and code. The default store is a sqlite file at the project root,
 resolved to an absolute path: queued experiments run in copies under .dvc/tmp/exps and must log
 into the same store. MLFLOW_TRACKING_URI overrides it.
+
+What reproduces a run is on it: the params, the prepared dataset as an MLflow dataset input (its
+content hash as the digest), the git commit, the DVC experiment's name and baseline commit, the
+hashes of dvc.lock and requirements.lock, and CPU, memory (and GPU) use during training as MLflow
+system metrics. The commit `dvc exp` makes for an experiment exists only once all its stages have
+run, so no stage can record it: `link_experiment_commits` adds it afterwards (`cyclegan compare`
+calls it).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -18,11 +26,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from . import paths
 from .config import Config, flatten
+from .errors import UserError
 
 EXPERIMENT = "cyclegan"
 STORE = "mlflow.db"
+REQUIREMENTS_LOCK = "requirements.lock"
+EXP_COMMIT_TAG = "dvc_exp_commit"
 _EXP_TMP = os.path.join(".dvc", "tmp", "exps")
 
 
@@ -48,7 +61,8 @@ def tracking_uri() -> str:
 
 def _quiet() -> None:
     # Alembic prints every migration when a new sqlite store is created.
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+    # The system metrics monitor announces its start, its stop and the absence of a GPU.
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.system_metrics"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -68,7 +82,10 @@ def run_tags(cfg: Config) -> dict[str, str]:
     return {
         "git_commit": _git_commit(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        # Set by `dvc exp run` (queued or not): with the name, it finds the experiment's commit.
+        "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "dvc_lock_sha256": _file_hash(Path("dvc.lock")),
+        "requirements_lock_sha256": _file_hash(Path(REQUIREMENTS_LOCK)),
         "dataset": cfg.data.dataset,
     }
 
@@ -139,7 +156,10 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
             mlflow.get_run(resume_run_id)
         except Exception:  # a store that was deleted or moved: start a new run
             resume_run_id = None
-    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name):
+    # CPU, memory, disk, network, and NVIDIA GPUs where nvidia-ml-py finds one, every 10 s
+    # (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL): what a run's speed depended on.
+    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
+                          log_system_metrics=True):
         if not resume_run_id:
             mlflow.log_params(run_params(cfg))
         mlflow.set_tags(run_tags(cfg))
@@ -169,3 +189,77 @@ def reattach(cfg: Config) -> Iterator[Any]:
             tag_generators(mlflow)  # so that `report` after `evaluate` finds this run
         mlflow.set_tags(run_tags(cfg))
         yield mlflow
+
+
+def log_dataset(mlflow, name: str, root: Path, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """The prepared data the run trains on, as the run's "training" dataset input.
+
+    A dataset input, not a tag, so the MLflow UI lists it with the run and finds every run of
+    the same data by its digest: the prepared manifest's content hash (of every array), cut to 32
+    hex digits (MLflow keeps 36 characters at most); the whole hash is an input tag. A resumed run
+    logs the same input again, which MLflow keeps once.
+    """
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    content = str(manifest.get("content_sha256") or "")
+    if not content:
+        raise UserError(f"{root / 'manifest.json'}: no content_sha256; run `dvc repro prepare` again")
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape[1:]), name=split) for split, shape in shapes.items()])
+    # Named "local" outright: resolving a path finds two equivalent local source types, with a warning.
+    # The path in the project, not the absolute one: a queued experiment runs in a temp copy.
+    source = get_dataset_source_from_json(json.dumps({"uri": str(root)}), source_type="local")
+    dataset = MetaDataset(source, name=name, digest=content[:32], schema=schema)
+    counts = {f"n_{split}": str(shape[0]) for split, shape in shapes.items()}
+    mlflow.log_input(dataset, context="training", tags={"content_sha256": content, **counts})
+
+
+def experiment_commits(repo: Path | str = ".") -> dict[tuple[str, str], str]:
+    """(baseline commit, experiment name) -> the commit `dvc exp` made for it, from the refs DVC
+    keeps: refs/exps/<baseline[:2]>/<baseline[2:]>/<name>."""
+    try:
+        out = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/"],
+                             cwd=repo, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        sha, ref = line.split(" ", 1)
+        parts = ref.split("/")
+        if len(parts) == 5:  # refs/exps/stash and other DVC internals have other shapes
+            found[(parts[2] + parts[3], parts[4])] = sha
+    return found
+
+
+def link_experiment_commits(repo: Path | str = ".", uri: str | None = None) -> int:
+    """Tag each run of a DVC experiment with the commit `dvc exp` made for it (tag dvc_exp_commit),
+    where `repo` has that commit and the run has no such tag yet; the number of runs tagged.
+
+    An experiment run again under the same name (`dvc exp run -f -n NAME`) moves its ref: link
+    before that, or the earlier run is tagged with the later commit.
+    """
+    commits = experiment_commits(repo)
+    uri = uri or tracking_uri()
+    if not commits or (uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()):
+        return 0  # opening a missing sqlite store would create it
+    from mlflow import MlflowClient
+
+    _quiet()
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return 0
+    tagged, token = 0, None
+    while True:
+        page = client.search_runs([experiment.experiment_id], filter_string="tags.dvc_exp_name != ''",
+                                  max_results=1000, page_token=token)
+        for run in page:
+            tags = run.data.tags
+            sha = commits.get((tags.get("dvc_exp_baseline_rev", ""), tags.get("dvc_exp_name", "")))
+            if sha and not tags.get(EXP_COMMIT_TAG):
+                client.set_tag(run.info.run_id, EXP_COMMIT_TAG, sha)
+                tagged += 1
+        token = page.token
+        if not token:
+            return tagged

@@ -1,7 +1,10 @@
-"""`cyclegan compare`: experiments side by side, and their FID/KID against one param.
+"""`cyclegan compare`: experiments side by side, and their FID/KID against one param, over seeds.
 
-Reads `dvc exp show` or the MLflow store (cyclegan.comparison) and writes reports/compare.csv,
-reports/compare.md and reports/compare.png.
+Reads `dvc exp show` or the MLflow store (cyclegan.comparison) and writes reports/compare.csv
+(the runs), compare_settings.csv (per setting: n, mean, std, 95% interval), compare_differences.csv
+(which differences exceed the seed spread), compare.md (all three) and compare.png.
+It also tags the MLflow runs of finished DVC experiments with the commit `dvc exp` made for each
+(tracking.link_experiment_commits): no stage can, as DVC commits after the last one.
 """
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import sys
 
 import pandas as pd
 
-from ..comparison import DEFAULT_METRICS, DEFAULT_PARAM, SOURCES, compare, write_outputs
+from .. import tracking
+from ..comparison import (DEFAULT_METRICS, DEFAULT_PARAM, SOURCES, compare, differences, differences_table,
+                          settings_table, summarize, write_outputs)
 from ..config import Config
 
 
@@ -24,9 +29,17 @@ def add_arguments(parser) -> None:
 
 def main(cfg: Config, args=None) -> None:
     source = getattr(args, "source", None) or "dvc"
+    linked = tracking.link_experiment_commits()
     comparison = compare(source, getattr(args, "param", None) or DEFAULT_PARAM, getattr(args, "metrics", None))
     files = write_outputs(comparison)
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
+    summary, diffs = summarize(comparison), differences(comparison)
+    with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 60):
+        print(settings_table(comparison, summary).to_string(index=False))
+        if len(diffs):
+            print("\nDifferences (setting minus the other, 95% interval, Welch):")
+            print(differences_table(diffs).to_string(index=False))
+        print("\nRuns:")
         print(comparison.table.to_string(index=False))
-    print(f"cyclegan compare: {len(comparison.table)} experiments from {source} -> "
-          f"{', '.join(map(str, files))}", file=sys.stderr)
+    note = f"; {linked} MLflow runs tagged with their dvc exp commit" if linked else ""
+    print(f"cyclegan compare: {len(comparison.table)} experiments in {len(summary)} settings from {source} -> "
+          f"{', '.join(map(str, files))}{note}", file=sys.stderr)

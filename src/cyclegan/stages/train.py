@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import checkpoint, init_from, paths, sources, tracking
+from .. import checkpoint, init_from, mlflow_models, paths, sources, tracking
 from ..config import Config
 from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
 from ..device import exact_fp32
@@ -247,6 +247,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
             run_id = mlflow.active_run().info.run_id
             if initial:
                 mlflow.set_tags({f"init_{name}_sha256": init.sha256 for name, init in initial.items()})
+            tracking.log_dataset(mlflow, data.root.name, data.root, data.manifest,
+                                 {split: data.array(split).shape for split in ("trainA", "trainB", "testA", "testB")})
             # On CPU the repeated steps compute the same values; on GPU nearly the same.
             logged_step = tracking.last_logged_step(mlflow, "loss_G_A")
             logged_epoch = tracking.last_logged_step(mlflow, "train_fid_A2B")
@@ -325,6 +327,9 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
             mlflow.set_tags({"processes": ddp.world, "global_batch": global_batch, "device_used": device.type})
             mlflow.log_artifact(str(paths.TRAIN_LOSSES))
             tracking.tag_generators(mlflow)
+            # Each model's input example: the first test image of its source domain.
+            mlflow_models.log_generators(mlflow, cfg, {"A2B": np.array(data.array("testA")[:1]),
+                                                       "B2A": np.array(data.array("testB")[:1])}, progress.step)
             print(f"cyclegan train: {progress.step} steps, {images_seen} images in {elapsed:.0f} s this run "
                   f"({timing['images_per_s_this_run']:.2f} images/s)")
     ddp.barrier()
