@@ -3,7 +3,8 @@
 Every image is decoded with Pillow, turned upright (EXIF), converted to RGB (alpha over
 data.alpha_background, 16-bit and float scaled) and resized with BICUBIC to a square, as the
 official resize_and_crop does: training splits to load_size, test splits to crop_size. Bad files
-are skipped or stop the stage (data.on_bad_image); either way metrics/data_report.json says why.
+are skipped or stop the stage (data.on_bad_image); either way metrics/data_report.json says why,
+also for the entries of a user's folder that `download` left out (links to nothing, FIFOs, ...).
 Decoding runs in worker processes; arrays are written straight into memory-mapped .npy files, so
 memory stays flat whatever the dataset size. data/prepared is replaced whole, atomically.
 """
@@ -182,6 +183,13 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
     missing = next(((s, i, r) for s in splits.values() for i, r in s.reasons.items()), None)
     if policy == "fail" and missing:  # a test image without its target
         raise _bad(*missing)
+    # Entries of a user's folder that `download` left out of data/raw (links to nothing, FIFOs, ...):
+    # reported with the bad images, and as fatal.
+    marker = datasets.read_marker(raw) or {}
+    left_out = marker.get("skipped", [])
+    if policy == "fail" and left_out:
+        raise UserError(f"{Path(marker.get('source', raw)) / left_out[0]['file']}: {left_out[0]['reason']}; "
+                        f"fix or remove it, or set data.on_bad_image: skip in params.yaml")
 
     jobs = [(s, i) for s in splits.values() for i in range(len(s.files)) if i not in s.reasons]
     work = [images.Job(str(s.folder / s.files[i]), s.size, cfg.data.crop_size,
@@ -226,6 +234,12 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
                    for s in splits.values() for i in sorted(s.reasons)]
         counts = {s.name: {"found": len(s.files), "used": sum(s.ok), "skipped": len(s.files) - sum(s.ok)}
                   for s in splits.values()}
+        for entry in left_out:
+            skipped.append(entry)
+            split = counts.get(entry["file"].split("/")[0])
+            if split is not None:
+                split["found"] += 1
+                split["skipped"] += 1
         train_test, within = _duplicates(splits)
         warnings = []
         if train_test:
