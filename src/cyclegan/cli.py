@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -45,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cyclegan {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # A full disk is the user's to fix, not a bug: one line. Outputs are written to temp files
+        # renamed into place (cyclegan.fileio), so those of earlier runs are intact.
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        fix = "raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "free disk space"
+        print(f"cyclegan {args.stage}: error: {where}{e.strerror} while writing its outputs; {fix} and run it "
+              f"again (earlier outputs are intact)", file=sys.stderr)
+        return 2
     return 0
 
 

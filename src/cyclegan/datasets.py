@@ -18,6 +18,7 @@ local folder holding <name>.zip or an already extracted <name>/.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -232,6 +233,8 @@ def _link_or_copy(src: Path, dest: Path, found: Mapping[str, list[str]]) -> int:
                 try:
                     shutil.copyfile(s, d)
                 except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise  # the destination is full: the cli says so in one line
                     raise UserError(f"{s}: cannot read ({e.strerror}); fix or remove the file") from None
             if not stat.S_ISREG(os.lstat(d).st_mode):  # replaced since it was scanned
                 raise UserError(f"{s}: changed while being copied, to {entry_problem(s) or 'another file'}; "

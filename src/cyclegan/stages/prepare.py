@@ -11,6 +11,7 @@ memory stays flat whatever the dataset size. data/prepared is replaced whole, at
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -115,6 +116,23 @@ def _load_all(jobs: list[images.Job], workers: int) -> Iterator[images.Loaded]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _new_array(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A uint8 .npy file mapped for writing, its disk blocks allocated now.
+
+    A new .npy is sparse: on a full disk, writing through the map later kills the process with
+    SIGBUS. Allocating up front turns that into ENOSPC, one line (cli), before any decoding.
+    """
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot say
+                    raise
+    return arr
+
+
 def _array_sha256(arr: np.ndarray) -> str:
     h = hashlib.sha256()
     for start in range(0, len(arr), 256):
@@ -127,7 +145,7 @@ def _compact(path: Path, arr: np.ndarray, keep: list[int]) -> np.ndarray:
     if len(keep) == len(arr):
         return arr
     tmp = path.with_name(path.name + ".tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), *arr.shape[1:]))
+    out = _new_array(tmp, (len(keep), *arr.shape[1:]))
     for start in range(0, len(keep), 256):
         out[start:start + 256] = arr[keep[start:start + 256]]
     out.flush()
@@ -204,8 +222,7 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         out.mkdir()
         # Rows are written where they belong as results arrive; skipped rows are squeezed out at
         # the end (_compact), so no split is ever held in memory whole.
-        arrays = {s.name: np.lib.format.open_memmap(out / f"{s.name}.npy", mode="w+", dtype=np.uint8,
-                                                    shape=(len(s.files), s.size, s.size, 3))
+        arrays = {s.name: _new_array(out / f"{s.name}.npy", (len(s.files), s.size, s.size, 3))
                   for s in splits.values()}
         for s in splits.values():
             s.ok, s.sha256 = [False] * len(s.files), [None] * len(s.files)
