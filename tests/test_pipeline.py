@@ -5,20 +5,14 @@ import json
 import re
 import math
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import GIT_DVC_ENV, TINY, merge, run
-
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+from helpers import TINY, VENV_BIN, merge, pipeline_repo, run
 
 # The smallest params that still run every stage for real: TINY over the project's params.yaml.
 PARAMS = merge(TINY, {
@@ -26,23 +20,6 @@ PARAMS = merge(TINY, {
     "train": {"log_every": 4, "checkpoint_every": 8},
     "eval": {"batch_size": 6, "n_samples": 2},
 })
-
-
-def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
-    """A fresh git + DVC repo holding this project's pipeline files and source, with `overrides`."""
-    dest.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copytree(ROOT / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    params = merge(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store at the project root is under test
-    run(["git", "init", "-q"], dest, env)
-    run(["git", "add", "-A"], dest, env)
-    run(["git", "commit", "-qm", "init"], dest, env)
-    return dest, env
 
 
 def find_params(exp: dict) -> dict:
