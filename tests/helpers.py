@@ -224,6 +224,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
 # --- DVC pipelines ----------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
 
 
 def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
@@ -237,7 +238,7 @@ def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     shutil.copytree(ROOT / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     params = merge(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store at the project root is under test
     run(["git", "init", "-q"], dest, env)
     run(["git", "add", "-A"], dest, env)

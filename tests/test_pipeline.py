@@ -7,16 +7,13 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from cyclegan.model import LOSS_TERMS
-from helpers import TINY, merge, pipeline_repo, run
-
-VENV_BIN = Path(sys.executable).parent
+from helpers import TINY, VENV_BIN, merge, pipeline_repo, run
 
 # The smallest params that still run every stage for real: TINY over the project's params.yaml.
 PARAMS = merge(TINY, {

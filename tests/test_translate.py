@@ -1,6 +1,9 @@
 """`cyclegan translate`: test sets both ways, full resolution, a user's folder, bad generator files."""
 from __future__ import annotations
 
+import io
+import json
+import os
 from argparse import Namespace
 from pathlib import Path
 
@@ -90,7 +93,7 @@ def test_a_users_folder_with_a_chosen_generator(generators_and_test_sets, tmp_pa
     args = Namespace(input=photos, generator=paths.GENERATORS["G_B"], output=tmp_path / "out")
     translate.main(cfg, args)
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert out == ["a.png", "b.png"]
+    assert out == ["a.png", "b.png", translate.REPORT]
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)  # resized to crop_size
     # Transparent pixels are composited over data.alpha_background, as `prepare` does for training.
     net = load_generator(paths.GENERATORS["G_B"], torch.device("cpu"))
@@ -187,3 +190,135 @@ def test_generator_files_that_do_not_fit_get_one_line(project):
     Path("bare.safetensors").write_bytes(safetensors.torch.save(state))  # no metadata
     with pytest.raises(UserError, match="bare.safetensors: not a cyclegan generator file"):
         load_generator(Path("bare.safetensors"), torch.device("cpu"))
+
+
+# --- a user's folder: the decode policy of prepare, names kept, nothing of the user's lost -----------
+
+def exif_rotated_jpeg(path: Path) -> None:
+    """40 wide and 20 high as stored, tagged 'rotate 90 CW': upright it is 20 wide and 40 high."""
+    im = Image.new("RGB", (40, 20), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, "JPEG", exif=exif, quality=95)
+
+
+def users_photos(folder: Path) -> Path:
+    folder.mkdir()
+    exif_rotated_jpeg(folder / "été à la mer 1.jpg")
+    Image.new("CMYK", (36, 28), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((24, 24), 40000, np.uint16)).save(folder / "sixteen bit.png")
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(folder / "same.jpg")
+    Image.new("RGB", (24, 24), (4, 5, 6)).save(folder / "same.png")  # its translation would be same.jpg's
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")  # not an image's name: ignored, not listed
+    os.symlink(folder / "gone.png", folder / "dangling.png")
+    os.mkfifo(folder / "pipe.jpg")
+    return folder
+
+
+def generator_file(name: str = "G_A") -> Path:
+    """The fixture's generator file, whatever its format's suffix."""
+    return next(paths.MODELS.glob(f"{name}.*"))
+
+
+def test_a_users_folder_keeps_names_and_lists_what_it_skips(generators_and_test_sets, tmp_path, capsys):
+    cfg, _ = generators_and_test_sets(eval={"full_resolution": True})  # each image at its own size
+    photos = users_photos(tmp_path / "photos")
+    gen = generator_file()
+    translate.main(cfg, Namespace(input=photos, generator=gen, output=None))
+    out = tmp_path / "photos_translated"  # the default
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["été à la mer 1.png", "cmyk.png", "sixteen bit.png", "same.png", translate.REPORT])
+    assert Image.open(out / "été à la mer 1.png").size == (20, 40)  # turned upright (EXIF) first
+    assert Image.open(out / "cmyk.png").size == (36, 28)
+    report = json.loads((out / translate.REPORT).read_text())
+    skipped = {x["file"]: x["reason"] for x in report["skipped"]}
+    assert sorted(skipped) == ["dangling.png", "empty.png", "pipe.jpg", "same.png", "truncated.jpg"]
+    assert skipped["same.png"].startswith("its translation would be same.png, as that of same.jpg")
+    assert skipped["dangling.png"].startswith("dangling symbolic link")
+    assert skipped["pipe.jpg"] == "a FIFO (named pipe), not a file"
+    assert skipped["empty.png"] == "empty file"
+    assert skipped["truncated.jpg"].startswith("truncated or corrupt")
+    assert report["translated"]["été à la mer 1.jpg"] == "été à la mer 1.png"
+    # same.png holds same.jpg's translation: nothing was overwritten.
+    cpu = torch.device("cpu")
+    expected = translate_array(load_generator(gen, cpu), np.asarray(Image.open(photos / "same.jpg").convert("RGB"))[None],
+                               1, cpu)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "same.png")), expected)
+    captured = capsys.readouterr()
+    assert sum(line.startswith("cyclegan translate: skipped ") for line in captured.err.splitlines()) == 5
+    assert f"4 images -> {out} (5 skipped, listed in {out / translate.REPORT})" in captured.out
+
+
+def test_fail_stops_at_the_first_bad_file_and_keeps_the_last_output(generators_and_test_sets, tmp_path):
+    cfg, _ = generators_and_test_sets()
+    photos = users_photos(tmp_path / "photos")
+    gen, out = generator_file(), tmp_path / "out"
+    translate.main(cfg, Namespace(input=photos, generator=gen, output=out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    strict = config_from_dict({**SMALL, "data": {**SMALL["data"], "on_bad_image": "fail"}})
+    # Entries without content and colliding names stop it before any image is decoded ...
+    with pytest.raises(UserError, match=r"photos/dangling\.png: dangling symbolic link .*; fix or remove it, "
+                                        r"or set data\.on_bad_image: skip in params\.yaml"):
+        translate.main(strict, Namespace(input=photos, generator=gen, output=out))
+    for name in ("dangling.png", "pipe.jpg", "same.png"):
+        (photos / name).unlink()
+    # ... a file that does not decode, when it is reached.
+    with pytest.raises(UserError, match=r"photos/empty\.png: empty file; fix or remove it"):
+        translate.main(strict, Namespace(input=photos, generator=gen, output=out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_folders_with_nothing_to_translate_are_one_line(generators_and_test_sets, tmp_path, capsys):
+    generators_and_test_sets()
+    Path("params.yaml").write_text("data:\n  crop_size: 32\n  load_size: 32\nmodel:\n  ngf: 4\n")
+    gen = str(generator_file())
+    empty, texts, broken = (tmp_path / n for n in ("empty", "texts", "broken"))
+    for folder in (empty, texts, broken):
+        folder.mkdir()
+    (texts / "notes.txt").write_text("not an image")
+    (broken / "empty.png").write_bytes(b"")
+    (broken / "random.jpg").write_bytes(np.random.default_rng(1).bytes(3000))
+    for folder, says in ((empty, "the folder is empty; put the images to translate there"),
+                         (texts, "no images among its 1 entries (looked for .jpg"),
+                         (broken, "no usable images (2 skipped, first empty.png: empty file)")):
+        out = tmp_path / f"{folder.name}_out"
+        code = cli_main(["translate", "--input", str(folder), "--generator", gen, "--output", str(out)])
+        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("cyclegan translate: skipped")]
+        assert code == 2 and len(err) == 1 and says in err[0], err
+        assert not out.exists()
+
+
+def test_an_output_folder_is_replaced_only_if_this_command_wrote_it(generators_and_test_sets, tmp_path):
+    cfg, _ = generators_and_test_sets()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (24, 24)).save(photos / "a.png")
+    gen = generator_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("the user's")
+    with pytest.raises(UserError, match=r"--output .*mine: holds files that `cyclegan translate` did not write"):
+        translate.main(cfg, Namespace(input=photos, generator=gen, output=mine))
+    assert (mine / "keep.txt").read_text() == "the user's"
+    for output in (photos, tmp_path):
+        with pytest.raises(UserError, match="holds the input folder"):
+            translate.main(cfg, Namespace(input=photos, generator=gen, output=output))
+    assert (photos / "a.png").is_file()
+    translate.main(cfg, Namespace(input=photos, generator=gen, output=tmp_path / "out"))
+    translate.main(cfg, Namespace(input=photos, generator=gen, output=tmp_path / "out"))  # its own: replaced
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", translate.REPORT]
+
+
+def test_test_images_whose_translations_would_share_a_name_are_refused(project):
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    write_prepared(project, {"testA": images, "testB": images},
+                   {"testA": ["a.jpg", "a.png"], "testB": ["b.jpg", "c.jpg"]})
+    with pytest.raises(UserError, match=r"testA/a\.jpg and .*testA/a\.png: both would be translated to a\.png; "
+                                        r"rename one of them"):
+        translate.main(config_from_dict(SMALL), None)
+    assert not paths.TRANSLATED.exists()

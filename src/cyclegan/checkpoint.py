@@ -91,8 +91,10 @@ def save(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
     """Write step_<step>.pt atomically, then drop all but the newest `keep` checkpoints."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:09d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Through a Python file: a full disk then raises OSError (one line, cli) where torch's own
+    # writer raises a RuntimeError ("unexpected pos").
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     # A run killed while writing leaves its temp file behind; ours has just been renamed, so

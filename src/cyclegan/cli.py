@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -40,6 +41,22 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def disk_full(error: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `error`, if any.
+
+    Libraries may raise another error while handling it: torch's checkpoint writer raises a
+    RuntimeError when it closes the file it could not write.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
@@ -52,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cyclegan {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        # A full disk is the user's to fix, not a bug: one line. Outputs are written to temp files
+        # renamed into place (cyclegan.fileio), so those of earlier runs are intact.
+        e = disk_full(error)
+        if e is None:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        fix = "raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "free disk space"
+        print(f"cyclegan {args.stage}: error: {where}{e.strerror} while writing its outputs; {fix} and run it "
+              f"again (earlier outputs are intact)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,7 +4,9 @@ data.dataset is one of
   toy_horse2zebra      generated offline (stages/download.py calls toy_dataset.generate)
   a registry name      the CycleGAN authors' zip: downloaded (resumable, retried), extracted with
                        zip-slip and zip-bomb checks, verified (sha256 list or official file counts)
-  a folder path        checked for trainA/ trainB/ testA/ testB/ and copied (hard links when possible)
+  a folder path        checked for trainA/ trainB/ testA/ testB/ and copied (hard links when possible);
+                       links to files are followed, entries that are not files are left out and
+                       listed (data.on_bad_image: skip) or stop the stage (fail)
 
 data/raw/<name> is only ever replaced whole (fileio.atomic_dir), after the new content is complete
 and verified: a failure at any point leaves it as it was. The download itself goes to
@@ -16,6 +18,7 @@ local folder holding <name>.zip or an already extracted <name>/.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import json
@@ -42,7 +45,8 @@ from . import __version__, toy_dataset
 from .data import SPLITS, TARGET_SPLITS, dataset_name
 from .errors import UserError
 from .fileio import atomic_dir
-from .images import IMG_EXTENSIONS, list_files, list_images
+from .images import IMG_EXTENSIONS, entry_problem, is_image_name, list_entries, list_files, list_images
+from .paths import DATA_REPORT
 
 BASE_URL = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
 URL_ENV = "CYCLEGAN_DATASETS_URL"
@@ -165,8 +169,11 @@ def split_counts(root: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, int]
 # Folders
 
 
-def check_folder(path: Path, key: str = "data.dataset") -> None:
-    """A dataset folder holds one folder of images per split; name what is missing."""
+def check_folder(path: Path, key: str = "data.dataset") -> tuple[dict[str, list[str]], list[dict[str, str]]]:
+    """A dataset folder holds one folder of images per split; name what is missing.
+
+    Returns scan_folder(path): the images of each split, and the entries left out.
+    """
     if not path.is_dir():
         raise UserError(f"{key}: folder {path} not found; give the path of a folder holding {FOLDER_LAYOUT}")
     missing = [f"{s}/" for s in SPLITS if not (path / s).is_dir()]
@@ -175,46 +182,96 @@ def check_folder(path: Path, key: str = "data.dataset") -> None:
             f"{key}: {path} has no {', '.join(missing)}; a dataset folder holds {FOLDER_LAYOUT} "
             f"(the images of domain A and B, for training and for testing)"
         )
+    found, skipped = scan_folder(path)
     for s in SPLITS:
-        if not list_images(path / s)[0]:
+        if not found[s]:
+            bad = [x for x in skipped if x["file"].startswith(f"{s}/")]
+            also = (f"; {len(bad)} entries there are not files, e.g. {bad[0]['file']}: {bad[0]['reason']}"
+                    if bad else "")
             raise UserError(
-                f"{key}: {path / s} holds no images (looked for {', '.join(IMG_EXTENSIONS)}); "
+                f"{key}: {path / s} holds no images (looked for {', '.join(IMG_EXTENSIONS)}){also}; "
                 f"put the {s} images there"
             )
+    return found, skipped
 
 
-def copy_images(src: Path, dest: Path) -> int:
-    """Copy the image files of every split folder of `src` into `dest`; returns the file count.
+def scan_folder(src: Path) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
+    """({split: image files}, [{"file": "<split>/<entry>", "reason": ...}]) of a dataset folder.
 
-    Hard links make this instant and free when src is on the same file system; DVC still sees
-    (and caches) regular files. Links are followed, so a split may itself be a symlink.
+    The second list holds the entries without file content (dangling links, links to folders or
+    devices, FIFOs, sockets; images.entry_problem), whatever their names: none may be copied,
+    and each is reported like a bad image. A split folder may itself be a link.
     """
-    n = 0
+    found: dict[str, list[str]] = {}
+    skipped: list[dict[str, str]] = []
     for split in (*SPLITS, *TARGET_SPLITS):
         if not (src / split).is_dir():
             continue
-        for rel in list_images(src / split)[0]:
+        files, problems = list_entries(src / split)
+        found[split] = [f for f in files if is_image_name(f)]
+        skipped += [{"file": f"{split}/{rel}", "reason": why} for rel, why in problems]
+    return found, skipped
+
+
+def _link_or_copy(src: Path, dest: Path, found: Mapping[str, list[str]]) -> int:
+    """Put the files `found` of src into dest; returns the file count.
+
+    Hard links make this instant and free when src is on the same file system. A symbolic link
+    is followed: its target's content is linked or copied, never the link itself, which DVC
+    would follow later (and fail on, once it dangles, or from its new place if relative).
+    """
+    n = 0
+    for split, files in found.items():
+        for rel in files:
             s, d = src / split / rel, dest / split / rel
             d.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(s, d)
+                # The link's target: link(2) would link the symbolic link itself, whatever
+                # os.link's follow_symlinks says.
+                os.link(os.path.realpath(s), d)
             except OSError:  # other file system, or a file we may not link (not ours, read-only)
                 try:
                     shutil.copyfile(s, d)
                 except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise  # the destination is full: the cli says so in one line
                     raise UserError(f"{s}: cannot read ({e.strerror}); fix or remove the file") from None
+            if not stat.S_ISREG(os.lstat(d).st_mode):  # replaced since it was scanned
+                raise UserError(f"{s}: changed while being copied, to {entry_problem(s) or 'another file'}; "
+                                f"run again once the folder stays as it is")
             n += 1
     return n
 
 
-def import_folder(src: Path, dest: Path) -> str:
-    """Validate a user's dataset folder and copy it into data/raw/<name>."""
-    check_folder(src)
+def copy_images(src: Path, dest: Path) -> tuple[int, list[dict[str, str]]]:
+    """Copy the image files of every split folder of `src` into `dest`: (file count, entries left out)."""
+    found, skipped = scan_folder(src)
+    return _link_or_copy(src, dest, found), skipped
+
+
+def import_folder(src: Path, dest: Path, on_bad_image: str = "skip") -> str:
+    """Validate a user's dataset folder and copy it into data/raw/<name>.
+
+    Entries without file content are left out and listed in the marker, from which `prepare`
+    adds them to its data report; with on_bad_image "fail" the first one stops the stage
+    before anything is written.
+    """
+    found, skipped = check_folder(src)
+    if skipped and on_bad_image == "fail":
+        first = skipped[0]
+        raise UserError(f"{src / first['file']}: {first['reason']}; remove it or put the file itself there, "
+                        f"or set data.on_bad_image: skip in params.yaml")
     with atomic_dir(dest) as tmp:
-        n = copy_images(src, tmp)
+        n = _link_or_copy(src, tmp, found)
         counts = split_counts(tmp)
-        write_marker(tmp, {"kind": "folder", "dataset": dest.name, "source": str(src.resolve()), "counts": counts})
-    return f"{dest}: copied {n} images from {src} ({_fmt_counts(counts)})"
+        write_marker(tmp, {"kind": "folder", "dataset": dest.name, "source": str(src.resolve()), "counts": counts,
+                           "skipped": skipped})
+    message = f"{dest}: copied {n} images from {src} ({_fmt_counts(counts)})"
+    if skipped:
+        first = skipped[0]
+        message += (f"; skipped {len(skipped)} entries that are not files (e.g. {first['file']}: {first['reason']}), "
+                    f"listed in {DATA_REPORT} by prepare")
+    return message
 
 
 def _fmt_counts(counts: Mapping[str, int]) -> str:
@@ -553,7 +610,10 @@ def fetch(info: DatasetInfo, raw_root: Path) -> str:
             safe_extract(Path(where), tmp, label=label)
             counts = verify(tmp, info, label=label)
         else:
-            copy_images(Path(where), tmp)
+            _, skipped = copy_images(Path(where), tmp)
+            if skipped:
+                raise UserError(f"{label}: {skipped[0]['file']}: {skipped[0]['reason']}; the official "
+                                f"{info.name} holds files only: fix that folder, or unset {URL_ENV}")
             counts = verify(tmp, info, label=label)
         checked = ("sha256 of every file" if info.sha256sums
                    else "official file counts" if info.counts else "non-empty splits")

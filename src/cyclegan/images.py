@@ -7,8 +7,10 @@ processes start fast.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,61 @@ def list_images(folder: Path) -> tuple[list[str], list[str]]:
     """(image files, other files) under `folder`, both sorted relative POSIX paths."""
     files = list_files(folder)
     return [f for f in files if is_image_name(f)], [f for f in files if not is_image_name(f)]
+
+
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device",
+          stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}
+
+
+def entry_problem(path: str | Path) -> str | None:
+    """Why the folder entry `path` holds no file content to read, or None when it does.
+
+    A regular file, or a symbolic link to one, has content (the link's target's). Anything else
+    (a dangling or looping link, a link to a folder or a device, a FIFO, a socket) has none: DVC
+    cannot hash it, and opening a FIFO would wait forever.
+    """
+    link = os.path.islink(path)
+    try:
+        st = os.stat(path)  # follows links
+    except OSError as e:
+        if e.errno == errno.ENOENT and link:
+            return f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot read ({e.strerror})"
+    kind = stat.S_IFMT(st.st_mode)
+    if kind != stat.S_IFREG:
+        what = _KINDS.get(kind, "a special file")
+        return f"symbolic link to {what} ({os.readlink(path)}), not to a file" if link else f"{what}, not a file"
+    if not os.access(path, os.R_OK):
+        return "cannot read (permission denied)"
+    return None
+
+
+def list_entries(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(files with content, [(entry, why it has none)]) under `folder`, as sorted relative POSIX paths.
+
+    Like list_files, hidden entries are skipped; links to files count as files. Links to folders
+    are listed as problems, not followed (os.walk would silently leave them out): a dataset
+    that reaches outside its folder through them is not what DVC tracks.
+    """
+    files: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        rel = Path(dirpath).relative_to(folder)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            dirnames.remove(d)
+            problems.append(((rel / d).as_posix(), str(entry_problem(os.path.join(dirpath, d)))))
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            problem = entry_problem(os.path.join(dirpath, f))
+            if problem:
+                problems.append(((rel / f).as_posix(), problem))
+            else:
+                files.append((rel / f).as_posix())
+    return sorted(files), sorted(problems)
 
 
 def _scale_to_uint8(a: np.ndarray, full_scale: float | None) -> np.ndarray:

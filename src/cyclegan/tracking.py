@@ -17,6 +17,7 @@ calls it).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -87,6 +88,8 @@ def run_tags(cfg: Config) -> dict[str, str]:
         "dvc_lock_sha256": _file_hash(Path("dvc.lock")),
         "requirements_lock_sha256": _file_hash(Path(REQUIREMENTS_LOCK)),
         "dataset": cfg.data.dataset,
+        # Which GPU a queue worker was given (README: Experiments); empty when not set.
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
 
 
@@ -104,15 +107,36 @@ def _mlflow():
     return mlflow
 
 
+@contextmanager
+def _store_lock() -> Iterator[None]:
+    """Hold <store>.lock while opening a sqlite store: MLflow creates and migrates the tables on
+    first use, and two processes doing so at once (parallel queued experiments in a project
+    without mlflow.db yet) fail with alembic errors. Later opens just wait for the first."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        f = open(db.with_name(db.name + ".lock"), "a")
+    except OSError:  # no such folder: MLflow names the problem better
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def _use_experiment(mlflow) -> None:
-    # With a sqlite store MLflow puts artifacts under the cwd of whoever creates the experiment
-    # first; a queued experiment's cwd is a temp copy that DVC deletes. Pin them to the root.
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None and tracking_uri().startswith("sqlite:"):
-        try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root() / "mlruns").as_uri())
-        except mlflow.exceptions.MlflowException:
-            pass  # created meanwhile by a parallel queued experiment
-    mlflow.set_experiment(EXPERIMENT)
+    with _store_lock():
+        # With a sqlite store MLflow puts artifacts under the cwd of whoever creates the experiment
+        # first; a queued experiment's cwd is a temp copy that DVC deletes. Pin them to the root.
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None and tracking_uri().startswith("sqlite:"):
+            try:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root() / "mlruns").as_uri())
+            except mlflow.exceptions.MlflowException:
+                pass  # created meanwhile by a parallel queued experiment
+        mlflow.set_experiment(EXPERIMENT)
 
 
 GENERATORS_TAG = "generators_sha256"

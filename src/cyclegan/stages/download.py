@@ -1,7 +1,7 @@
 """Stage `download`: put the dataset named by data.dataset into data/raw/<name>/.
 
 The embedded toy dataset is generated; registry datasets are downloaded and verified; a folder
-is validated and copied. data/raw is a persistent DVC output, so datasets fetched earlier stay
+is validated and copied (its entries that are not files skipped or fatal, data.on_bad_image). data/raw is a persistent DVC output, so datasets fetched earlier stay
 when data.dataset changes, and each one is skipped while its marker says it is complete.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run(cfg: Config, raw_root: Path = RAW) -> Path:
     elif source.kind == "registry":
         message = datasets.fetch(source.info, raw_root)
     else:
-        message = datasets.import_folder(source.path, raw_root / source.name)
+        message = datasets.import_folder(source.path, raw_root / source.name, cfg.data.on_bad_image)
     print(message)
     return raw_root / source.name
 

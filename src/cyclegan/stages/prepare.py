@@ -3,13 +3,15 @@
 Every image is decoded with Pillow, turned upright (EXIF), converted to RGB (alpha over
 data.alpha_background, 16-bit and float scaled) and resized with BICUBIC to a square, as the
 official resize_and_crop does: training splits to load_size, test splits to crop_size. Bad files
-are skipped or stop the stage (data.on_bad_image); either way metrics/data_report.json says why.
+are skipped or stop the stage (data.on_bad_image); either way metrics/data_report.json says why,
+also for the entries of a user's folder that `download` left out (links to nothing, FIFOs, ...).
 Decoding runs in worker processes; arrays are written straight into memory-mapped .npy files, so
 memory stays flat whatever the dataset size. data/prepared is replaced whole, atomically.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -114,6 +116,23 @@ def _load_all(jobs: list[images.Job], workers: int) -> Iterator[images.Loaded]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _new_array(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A uint8 .npy file mapped for writing, its disk blocks allocated now.
+
+    A new .npy is sparse: on a full disk, writing through the map later kills the process with
+    SIGBUS. Allocating up front turns that into ENOSPC, one line (cli), before any decoding.
+    """
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot say
+                    raise
+    return arr
+
+
 def _array_sha256(arr: np.ndarray) -> str:
     h = hashlib.sha256()
     for start in range(0, len(arr), 256):
@@ -126,7 +145,7 @@ def _compact(path: Path, arr: np.ndarray, keep: list[int]) -> np.ndarray:
     if len(keep) == len(arr):
         return arr
     tmp = path.with_name(path.name + ".tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keep), *arr.shape[1:]))
+    out = _new_array(tmp, (len(keep), *arr.shape[1:]))
     for start in range(0, len(keep), 256):
         out[start:start + 256] = arr[keep[start:start + 256]]
     out.flush()
@@ -182,6 +201,13 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
     missing = next(((s, i, r) for s in splits.values() for i, r in s.reasons.items()), None)
     if policy == "fail" and missing:  # a test image without its target
         raise _bad(*missing)
+    # Entries of a user's folder that `download` left out of data/raw (links to nothing, FIFOs, ...):
+    # reported with the bad images, and as fatal.
+    marker = datasets.read_marker(raw) or {}
+    left_out = marker.get("skipped", [])
+    if policy == "fail" and left_out:
+        raise UserError(f"{Path(marker.get('source', raw)) / left_out[0]['file']}: {left_out[0]['reason']}; "
+                        f"fix or remove it, or set data.on_bad_image: skip in params.yaml")
 
     jobs = [(s, i) for s in splits.values() for i in range(len(s.files)) if i not in s.reasons]
     work = [images.Job(str(s.folder / s.files[i]), s.size, cfg.data.crop_size,
@@ -196,8 +222,7 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         out.mkdir()
         # Rows are written where they belong as results arrive; skipped rows are squeezed out at
         # the end (_compact), so no split is ever held in memory whole.
-        arrays = {s.name: np.lib.format.open_memmap(out / f"{s.name}.npy", mode="w+", dtype=np.uint8,
-                                                    shape=(len(s.files), s.size, s.size, 3))
+        arrays = {s.name: _new_array(out / f"{s.name}.npy", (len(s.files), s.size, s.size, 3))
                   for s in splits.values()}
         for s in splits.values():
             s.ok, s.sha256 = [False] * len(s.files), [None] * len(s.files)
@@ -226,6 +251,12 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
                    for s in splits.values() for i in sorted(s.reasons)]
         counts = {s.name: {"found": len(s.files), "used": sum(s.ok), "skipped": len(s.files) - sum(s.ok)}
                   for s in splits.values()}
+        for entry in left_out:
+            skipped.append(entry)
+            split = counts.get(entry["file"].split("/")[0])
+            if split is not None:
+                split["found"] += 1
+                split["skipped"] += 1
         train_test, within = _duplicates(splits)
         warnings = []
         if train_test:
