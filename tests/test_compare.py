@@ -24,7 +24,7 @@ from cyclegan.comparison import (Comparison, differences, load_dvc, load_mlflow,
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import compare
-from helpers import GIT_DVC_ENV, run
+from helpers import GIT_DVC_ENV, VENV_BIN, run
 
 # A stand-in for train + evaluate: metrics that depend on the params, in the pipeline's files.
 STAGE_SCRIPT = """\
@@ -39,7 +39,9 @@ json.dump({"steps": 4, "identity_weight_effective": p["lambda_cycle"] * lam}, op
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    return run(cmd, cwd, {**os.environ, **GIT_DVC_ENV}, timeout=300).stdout
+    # The venv's bin first: `dvc queue start` spawns its worker as `dvc`, found on PATH.
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
+    return run(cmd, cwd, env, timeout=300).stdout
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -368,7 +370,8 @@ def test_queued_seed_sweep_groups_by_setting_and_links_dvc_commits(tmp_path, mon
             time.sleep(2)
     finally:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo,
-                       env={**os.environ, **GIT_DVC_ENV}, capture_output=True, timeout=120)
+                       env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                            **GIT_DVC_ENV}, capture_output=True, timeout=120)
     assert len(states) == 4 and {s for s, _ in states.values()} == {"success"}, states
 
     client = mlflow_client(repo)

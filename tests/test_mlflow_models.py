@@ -38,6 +38,15 @@ class Registered:
     models: dict  # "G_A"/"G_B" -> the LoggedModel
 
 
+@pytest.fixture(autouse=True)
+def sys_path_restored():
+    """Loading a model puts its bundled copy of cyclegan on sys.path, where the worker processes of
+    later tests (prepare's pool) would import it instead of the package under test."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory) -> Registered:
     """`cyclegan train` (2 epochs of 12 steps) registering G_A, sampling system metrics every 0.5 s."""
