@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cyclegan.data import UnpairedTrainSet
+from cyclegan.data import PositionSampler, UnpairedTrainSet
 
 SIZE, N = 8, 400
 
@@ -39,3 +39,9 @@ def test_no_flip_means_no_flips():
     dataset = UnpairedTrainSet(half_bright(N), half_bright(N), SIZE, flip=False, seed=3)
     a, b = flips(dataset)
     assert not any(a) and not any(b)
+
+
+def test_position_sampler_takes_every_world_th_position_from_the_start():
+    assert list(PositionSampler(5)) == [0, 1, 2, 3, 4] and len(PositionSampler(5)) == 5  # one process, from 0
+    assert list(PositionSampler(10, start=4, rank=1, world=2)) == [5, 7, 9]  # resumed mid-epoch, rank 1 of 2
+    assert list(PositionSampler(10, start=4, rank=0, world=2)) == [4, 6, 8]
