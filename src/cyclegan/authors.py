@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from torch import nn
 
 from . import paths
 from .config import ModelConfig
-from .datasets import http_download
+from .datasets import http_download, mirror
 from .errors import UserError
 from .generators import save_generator
 from .inception import cache_dir
@@ -219,17 +217,9 @@ def convert(path: Path) -> Converted:
 def _locate(name: str) -> tuple[str, str | Path]:
     """('http', url) or ('file', path) of <name>.pth, from CYCLEGAN_PRETRAINED_URL or the authors."""
     base = os.environ.get(URL_ENV) or BASE_URL
-    parsed = urllib.parse.urlparse(base)
-    if parsed.scheme in ("http", "https"):
-        return "http", f"{base.rstrip('/')}/{name}.pth"
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise UserError(f"{URL_ENV}={base}: file:// URLs must name a local folder (file:///path)")
-        folder = Path(urllib.request.url2pathname(parsed.path))
-    elif len(parsed.scheme) > 1:  # one letter would be a Windows drive
-        raise UserError(f"{URL_ENV}={base}: use an http(s):// or file:// URL, or a local folder")
-    else:
-        folder = Path(base).expanduser()
+    folder = mirror(base, URL_ENV)
+    if isinstance(folder, str):
+        return "http", f"{folder}/{name}.pth"
     if not (folder / f"{name}.pth").is_file():
         raise UserError(f"{URL_ENV}={base}: no {name}.pth in {folder}; put it there, or unset {URL_ENV} "
                         f"to download from {BASE_URL}")

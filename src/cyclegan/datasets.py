@@ -557,19 +557,26 @@ def verify(root: Path, info: DatasetInfo, *, label: str) -> dict[str, int]:
 # The registry datasets
 
 
-def _locate(base: str, name: str) -> tuple[str, str | Path]:
-    """('http', url) | ('zip', path) | ('dir', path) for <name> under the base location."""
+def mirror(base: str, env: str) -> str | Path:
+    """Where the mirror variable `env`=`base` points: an http(s) base URL (a str, no trailing /),
+    or the local folder a file:// URL or a path names."""
     parsed = urllib.parse.urlparse(base)
     if parsed.scheme in ("http", "https"):
-        return "http", f"{base.rstrip('/')}/{name}.zip"
+        return base.rstrip("/")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise UserError(f"{URL_ENV}={base}: file:// URLs must name a local folder (file:///path)")
-        folder = Path(urllib.request.url2pathname(parsed.path))
-    elif len(parsed.scheme) > 1:  # one letter would be a Windows drive
-        raise UserError(f"{URL_ENV}={base}: use an http(s):// or file:// URL, or a local folder")
-    else:
-        folder = Path(base).expanduser()
+            raise UserError(f"{env}={base}: file:// URLs must name a local folder (file:///path)")
+        return Path(urllib.request.url2pathname(parsed.path))
+    if len(parsed.scheme) > 1:  # one letter would be a Windows drive
+        raise UserError(f"{env}={base}: use an http(s):// or file:// URL, or a local folder")
+    return Path(base).expanduser()
+
+
+def _locate(base: str, name: str) -> tuple[str, str | Path]:
+    """('http', url) | ('zip', path) | ('dir', path) for <name> under the base location."""
+    folder = mirror(base, URL_ENV)
+    if isinstance(folder, str):
+        return "http", f"{folder}/{name}.zip"
     if not folder.is_dir():
         raise UserError(f"{URL_ENV}={base}: no such folder; point it at a folder holding {name}.zip or "
                         f"{name}/, or unset it to download from {BASE_URL}")
