@@ -113,6 +113,25 @@ def test_stopped_run_continues_exactly_and_keeps_its_mlflow_run(project, uninter
     assert run_ids() == [first_run]
 
 
+class _RunsCode:
+    """A pickle that, when unpickled, creates the file it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_holding_code_is_skipped_without_running_it(tmp_path, capsys):
+    folder, marker = tmp_path / "run", tmp_path / "code_ran"
+    folder.mkdir()
+    torch.save({"step": 5, "evil": _RunsCode(marker)}, folder / "step_000000005.pt")
+    assert checkpoint.load_latest(folder) is None  # skipped as unreadable: weights only
+    assert not marker.exists()
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+
+
 def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):
     make_project(project, **merge(PARAMS, {"train": {"max_steps": 10}}))
     params = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()))
