@@ -90,7 +90,9 @@ def test_run_killed_mid_training_resumes_to_the_bit(tmp_path, uninterrupted):
     proc = cyclegan_train(tmp_path)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
-    assert f"resuming from {run_dir(tmp_path) / f'step_{killed_at:09d}.pt'}" in log
+    # 12 steps an epoch: the line names the epoch (1-based) and step it continues from.
+    assert (f"resuming from {run_dir(tmp_path) / f'step_{killed_at:09d}.pt'} "
+            f"(epoch {killed_at // 12 + 1}, step {killed_at})") in log
     assert_same_run(outputs(tmp_path), uninterrupted)
 
     assert run_ids(tmp_path) == [first_run]  # the same MLflow run, reattached, no other
