@@ -17,9 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -292,3 +294,55 @@ def background_process(cmd: list[str], log: Path, env: dict[str, str] | None = N
                 proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
+
+
+class ScriptedServer:
+    """An HTTP server on 127.0.0.1 serving `files` (path -> bytes, Range requests honoured) whose
+    answers the test scripts, one action per request; its URL ends in `path`."""
+
+    def __init__(self, path: str = ""):
+        self.files: dict[str, bytes] = {}
+        self.script: list[str] = []  # ok | 404 | 500 | drop | ignore_range | stall; then ok
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                action = server.script.pop(0) if server.script else "ok"
+                rng = self.headers.get("Range")
+                server.requests.append({"path": self.path, "range": rng, "action": action})
+                data = server.files.get(self.path.lstrip("/"))
+                if data is None or action == "404":
+                    self.send_error(404)
+                    return
+                if action == "500":
+                    self.send_error(500)
+                    return
+                if action == "stall":  # longer than the client's timeout
+                    time.sleep(0.5)
+                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng and action != "ignore_range" else 0
+                self.send_response(206 if start else 200)
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if action == "drop":  # half the body, then the connection closes
+                    body = body[: len(body) // 2]
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (stall)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

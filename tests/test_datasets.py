@@ -12,10 +12,7 @@ import shutil
 import socket
 import stat
 import struct
-import threading
-import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from cyclegan.config import config_from_dict
 from cyclegan.data import SPLITS
 from cyclegan.errors import UserError
 from cyclegan.stages import download
+from helpers import ScriptedServer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "horse2zebra"
 PER_SPLIT = 3
@@ -67,60 +65,9 @@ def zip_bytes(root: Path, top: str | None = "horse2zebra", extra: dict[str, byte
     return buf.getvalue()
 
 
-class Server:
-    """An HTTP server whose answers the test scripts, one action per request."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.script: list[str] = []  # ok | 404 | 500 | drop | ignore_range | stall; then ok
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                action = server.script.pop(0) if server.script else "ok"
-                rng = self.headers.get("Range")
-                server.requests.append({"path": self.path, "range": rng, "action": action})
-                data = server.files.get(self.path.lstrip("/"))
-                if data is None or action == "404":
-                    self.send_error(404)
-                    return
-                if action == "500":
-                    self.send_error(500)
-                    return
-                if action == "stall":  # longer than the client's timeout
-                    time.sleep(0.5)
-                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng and action != "ignore_range" else 0
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if action == "drop":  # half the body, then the connection closes
-                    body = body[: len(body) // 2]
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (stall)
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/datasets"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = Server()
+    s = ScriptedServer(path="/datasets")
     yield s
     s.close()
 
@@ -162,7 +109,7 @@ def assert_same_files(raw: Path, subset: Path) -> None:
             assert (raw / split / name).read_bytes() == (subset / split / name).read_bytes()
 
 
-def serve_fetch(server: Server, monkeypatch, data: bytes) -> None:
+def serve_fetch(server: ScriptedServer, monkeypatch, data: bytes) -> None:
     server.files["datasets/horse2zebra.zip"] = data
     monkeypatch.setenv(datasets.URL_ENV, server.url)
 

@@ -13,8 +13,6 @@ import os
 import shutil
 import re
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from cyclegan.data import PreparedDataset, UnpairedTrainSet
 from cyclegan.errors import UserError
 from cyclegan.generators import load_generator
 from cyclegan.networks import NLayerDiscriminator, ResnetGenerator, UnetGenerator
-from helpers import TINY, TRAIN_PARAMS, make_project, merge, mlflow_client, pipeline_repo, read_losses, run, run_train
+from helpers import TINY, TRAIN_PARAMS, ScriptedServer, make_project, merge, mlflow_client, pipeline_repo, read_losses, run, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "authors_generators"
@@ -236,52 +234,13 @@ def test_a_path_or_name_that_is_neither_is_one_line(tmp_path):
 
 # --- the published names, through a mirror ----------------------------------------------------------
 
-class Mirror:
-    """A file server on 127.0.0.1; the first GET of each file in `drop_first` sends half and closes."""
-
-    def __init__(self, root: Path, drop_first: set[str]):
-        self.requests: list[tuple[str, str | None]] = []
-        mirror = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                rng = self.headers.get("Range")
-                mirror.requests.append((self.path, rng))
-                path = root / self.path.lstrip("/")
-                if not path.is_file():
-                    self.send_error(404)
-                    return
-                data = path.read_bytes()
-                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if self.path in drop_first:
-                    drop_first.discard(self.path)
-                    body = body[: len(body) // 2]
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connection(tmp_path, monkeypatch, capsys):
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(authors_file("resnet_6blocks_ngf8"), served / "horse2zebra.pth")
-    mirror = Mirror(served, drop_first={"/horse2zebra.pth"})
+    mirror = ScriptedServer()
+    mirror.files["horse2zebra.pth"] = (served / "horse2zebra.pth").read_bytes()
+    mirror.script = ["drop"]  # the first answer sends half the file and closes
     try:
         monkeypatch.setenv(authors.URL_ENV, mirror.url)
         monkeypatch.setenv("CYCLEGAN_CACHE", str(tmp_path / "cache"))
@@ -291,7 +250,8 @@ def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connectio
         monkeypatch.chdir(project)
         assert cli_main(["import-authors", "horse2zebra"]) == 0
         size = (served / "horse2zebra.pth").stat().st_size
-        assert mirror.requests == [("/horse2zebra.pth", None), ("/horse2zebra.pth", f"bytes={size // 2}-")]
+        assert [(r["path"], r["range"]) for r in mirror.requests] == [("/horse2zebra.pth", None),
+                                                                     ("/horse2zebra.pth", f"bytes={size // 2}-")]
         assert f"from {mirror.url}/horse2zebra.pth" in capsys.readouterr().out
         out = project / paths.INIT / f"horse2zebra{SUFFIX}"
         expected = np.load(FIXTURES / "resnet_6blocks_ngf8_output.npy")
