@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -209,6 +210,22 @@ def test_schedulers_step_per_epoch():
     assert [g for g, _ in lrs] == pytest.approx(expected)
     assert [d for _, d in lrs] == pytest.approx(expected)
     assert model.opt_G.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_a_run_resumed_at_the_end_of_its_first_epoch_steps_the_lr_without_a_warning():
+    # A checkpoint from the last step of epoch 1 holds schedulers that have never stepped; the
+    # resumed process steps them before any optimizer step, which torch reports as the pre-1.1
+    # call order. The rate must still step, and the user must not see a false alarm.
+    cfg = config_from_dict({"model": {"netG": "resnet_6blocks", "ngf": 4, "ndf": 4},
+                            "train": {"n_epochs": 1, "n_epochs_decay": 1, "lr": 0.001}})
+    resumed = CycleGAN(cfg, torch.device("cpu"))
+    resumed.load_state_dict(CycleGAN(cfg, torch.device("cpu")).state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.step_lr()
+    assert [str(w.message) for w in caught] == []
+    assert resumed.lr == pytest.approx(0.0005)
+    assert resumed.opt_D.param_groups[0]["lr"] == pytest.approx(0.0005)
 
 
 # --- params ----------------------------------------------------------------------------------------
