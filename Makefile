@@ -32,7 +32,8 @@ bench: install
 # `make mutate MODULE=losses` for one module (losses, data, checkpoint, config, model), then
 # `.venv/bin/mutmut show <name>` for a survivor. Config: [tool.mutmut] in pyproject.toml.
 mutate: install
-	$(VENV)/bin/mutmut run --max-children $(or $(JOBS),2) $(if $(MODULE),"cyclegan.$(MODULE).*")
+	# One torch thread per mutant worker: JOBS workers share the cores, not JOBS x cores threads.
+	OMP_NUM_THREADS=1 PATH=$(VENV)/bin:$$PATH $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2) $(if $(MODULE),"cyclegan.$(MODULE).*")
 	$(VENV)/bin/mutmut results
 
 clean-env:

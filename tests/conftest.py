@@ -1,12 +1,27 @@
 """Fixtures shared by the test files; the plain helpers they build on are in helpers.py."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from helpers import enter_project, make_project
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `make mutate`, a mutant's tests run fastest first.
+
+    mutmut stops at the first failure (-x), so a killed mutant then costs its fastest failing
+    test rather than whatever slow training test pytest happened to reach first.
+    """
+    stats = Path("mutmut-stats.json")  # mutmut runs the tests in mutants/, next to this file
+    if "MUTANT_UNDER_TEST" not in os.environ or not stats.is_file():
+        return
+    seconds = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))
 
 
 @pytest.fixture
