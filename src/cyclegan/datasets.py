@@ -19,7 +19,6 @@ local folder holding <name>.zip or an already extracted <name>/.
 from __future__ import annotations
 
 import errno
-import hashlib
 import http.client
 import json
 import os
@@ -44,7 +43,7 @@ from tqdm import tqdm
 from . import __version__, toy_dataset
 from .data import SPLITS, TARGET_SPLITS, dataset_name
 from .errors import UserError
-from .fileio import atomic_dir
+from .fileio import atomic_dir, sha256_file
 from .images import IMG_EXTENSIONS, entry_problem, is_image_name, list_entries, list_files, list_images
 from .paths import DATA_REPORT
 
@@ -507,14 +506,6 @@ def load_sha256sums(resource: str) -> dict[str, str]:
             digest, path = line.split(maxsplit=1)
             sums[path.lstrip("*").removeprefix("./")] = digest.lower()
     return sums
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(root: Path, info: DatasetInfo, *, label: str) -> dict[str, int]:

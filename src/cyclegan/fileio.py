@@ -1,6 +1,7 @@
-"""Atomic writes: a result is either absent or complete, never half-written."""
+"""Atomic writes (a result is either absent or complete, never half-written) and file hashes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -96,3 +97,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (datasets and weights are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

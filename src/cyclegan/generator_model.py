@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from cyclegan.config import size_multiple
 from cyclegan.device import exact_fp32, resolve_device
-from cyclegan.generators import read_generator, load_generator, translate_array
+from cyclegan.generators import open_generator, translate_array
 
 ARTIFACT = "generator"
 
@@ -34,9 +34,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         path = Path(context.artifacts[ARTIFACT])
         self.device = resolve_device(str(config.get("device", "auto")), "model_config device")
         self.batch_size = int(config.get("batch_size", 16))
-        architecture, self.direction, _ = read_generator(path)
+        architecture, self.direction, self.net = open_generator(path, self.device)
         self.multiple = size_multiple(architecture.netG)
-        self.net = load_generator(path, self.device)
 
     # np.ndarray, evaluated (no `from __future__ import annotations` here): MLflow reads the hint
     # and, for ndarray, validates against the logged signature instead of asking for hints.

@@ -45,8 +45,11 @@ def save_generator(net: nn.Module, model: ModelConfig, direction: str, path: Pat
         tmp.write_bytes(generator_bytes(net, model, direction))
 
 
-def read_generator(path: Path) -> tuple[ModelConfig, str, dict[str, torch.Tensor]]:
-    """(architecture, direction, state dict) of a generator file; a one-line error for anything else."""
+def read_generator(path: Path, weights: bool = True) -> tuple[ModelConfig, str, dict[str, torch.Tensor]]:
+    """(architecture, direction, state dict) of a generator file; a one-line error for anything else.
+
+    weights=False reads the header alone (the state dict is then empty): the tensors are not read.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: generator not found; run `dvc repro train` first")
@@ -55,7 +58,7 @@ def read_generator(path: Path) -> tuple[ModelConfig, str, dict[str, torch.Tensor
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             header: dict[str, Any] = json.loads((f.metadata() or {})[METADATA_KEY])
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
         if header.get("format") != FORMAT:
             raise ValueError(header.get("format"))
         if header.get("version", 0) > VERSION:
@@ -88,14 +91,19 @@ def _read_legacy(path: Path) -> tuple[ModelConfig, str, dict[str, torch.Tensor]]
 
 def load_generator(path: Path, device: torch.device) -> nn.Module:
     """The generator of a file, in eval mode on `device`; a one-line error for anything else."""
-    model, _, state = read_generator(path)
+    return open_generator(path, device)[2]
+
+
+def open_generator(path: Path, device: torch.device) -> tuple[ModelConfig, str, nn.Module]:
+    """(architecture, direction, generator in eval mode on `device`) of a file, read once."""
+    model, direction, state = read_generator(path)
     try:
         net = build_generator(model)
         net.load_state_dict(state)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: weights do not fit the architecture in the file ({type(e).__name__}); "
                         f"retrain with `dvc repro train`") from None
-    return net.to(device).eval()
+    return model, direction, net.to(device).eval()
 
 
 @torch.no_grad()

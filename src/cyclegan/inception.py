@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
+from . import fileio
 from .fileio import atomic_path, write_json
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
@@ -129,11 +130,7 @@ def sha256_file(path: Path) -> str:
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
     # Keyed on size and mtime: training evaluates every few epochs, and rehashing ~90 MB each
     # time would be wasted; a rewritten file gets a new mtime and is hashed again.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return fileio.sha256_file(path)
 
 
 def resolve(setting: str) -> InceptionWeights:

@@ -8,7 +8,6 @@ never resumed. The discriminators, optimizers and pools start fresh, as in a run
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import torch
 
 from .config import Config
 from .errors import UserError
-from .generators import load_generator, read_generator
+from .fileio import sha256_file
+from .generators import open_generator
 
 # The fields of ModelConfig that decide a generator's layers.
 FIELDS = ("netG", "ngf", "norm", "use_dropout")
@@ -35,14 +35,6 @@ def _yaml(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load(cfg: Config) -> dict[str, InitGenerator]:
     """{"G_A": ..., "G_B": ...} for the generators train.init_from names, checked against `model`."""
     out = {}
@@ -54,8 +46,8 @@ def load(cfg: Config) -> dict[str, InitGenerator]:
         if not path.is_file():
             raise UserError(f"{key}: {path} not found; write it with `cyclegan import-authors NAME_OR_PATH "
                             f"--output {path}`, or set {key}: \"\" to start {name} from random weights")
-        digest = _sha256(path)
-        model, direction, _ = read_generator(path)
+        digest = sha256_file(path)
+        model, direction, net = open_generator(path, torch.device("cpu"))
         if direction != DIRECTION[name]:
             raise UserError(f"{key}: {path} is a {direction} generator and {name} translates {DIRECTION[name]}; "
                             f"name it under train.init_from.{'G_A' if direction == 'A2B' else 'G_B'}, or import "
@@ -70,5 +62,5 @@ def load(cfg: Config) -> dict[str, InitGenerator]:
             fix = ", ".join(f"model.{f}: {_yaml(found[f])}" for f in differ)
             raise UserError(f"{key}: {path} holds a generator of {held}; set {fix} in params.yaml to start "
                             f"from it")
-        out[name] = InitGenerator(path, digest, load_generator(path, torch.device("cpu")).state_dict())
+        out[name] = InitGenerator(path, digest, net.state_dict())
     return out

@@ -63,7 +63,7 @@ def log_generators(mlflow, cfg: Config, examples: dict[str, np.ndarray], step: i
         code = bundle_code(Path(tmp))
         for name, direction in DIRECTIONS.items():
             path = paths.GENERATORS[name]
-            architecture, file_direction, _ = read_generator(path)
+            architecture, file_direction, _ = read_generator(path, weights=False)
             register = cfg.tracking.register_as if name == "G_A" and cfg.tracking.register_as else None
             logged[name] = mlflow.pyfunc.log_model(
                 name=name,
