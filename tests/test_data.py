@@ -45,3 +45,44 @@ def test_position_sampler_takes_every_world_th_position_from_the_start():
     assert list(PositionSampler(5)) == [0, 1, 2, 3, 4] and len(PositionSampler(5)) == 5  # one process, from 0
     assert list(PositionSampler(10, start=4, rank=1, world=2)) == [5, 7, 9]  # resumed mid-epoch, rank 1 of 2
     assert list(PositionSampler(10, start=4, rank=0, world=2)) == [4, 6, 8]
+
+
+def labelled(n: int) -> np.ndarray:
+    """n flat images, image k filled with the value k: any crop or flip of it still says k."""
+    return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, SIZE, SIZE, 3)).copy()
+
+
+def drawn(dataset: UnpairedTrainSet) -> tuple[list[int], list[int]]:
+    """Which A image and which B partner each position of the epoch holds."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return [int(a[0, 0, 0]) for a, _ in items], [int(b[0, 0, 0]) for _, b in items]
+
+
+def test_each_epoch_visits_every_a_image_once_with_random_partners_from_all_of_b():
+    # |A| < |B|: an epoch is |B| long, so A comes round again (the authors' index % |A|).
+    n_a, n_b = 5, 12
+    dataset = UnpairedTrainSet(labelled(n_a), labelled(n_b), SIZE, flip=True, seed=0)
+    partners = set()
+    for epoch in range(8):
+        dataset.set_epoch(epoch)
+        a, b = drawn(dataset)
+        assert len(a) == n_b and sorted(set(a)) == list(range(n_a))
+        partners.update(b)
+    assert partners == set(range(n_b))  # 96 draws: every B image, the first and the last too
+
+
+def test_an_epochs_samples_depend_on_the_epoch_alone_not_on_the_epochs_before():
+    # A resumed run opens the dataset at its epoch directly; an uninterrupted one got there epoch
+    # by epoch. Both must draw the same samples, and consecutive epochs other orders.
+    a, b = labelled(20), labelled(7)
+    walked = UnpairedTrainSet(a, b, SIZE, flip=True, seed=5)
+    orders = []
+    for epoch in range(3):
+        walked.set_epoch(epoch)
+        orders.append(drawn(walked))
+        fresh = UnpairedTrainSet(a, b, SIZE, flip=True, seed=5)
+        fresh.set_epoch(epoch)
+        assert drawn(fresh) == orders[-1]
+    walked.set_epoch(0)
+    assert drawn(walked) == orders[0] == drawn(UnpairedTrainSet(a, b, SIZE, flip=True, seed=5))
+    assert orders[0][0] != orders[1][0] != orders[2][0]

@@ -84,14 +84,15 @@ def assert_same_losses(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 @pytest.mark.parametrize("batched", [True, False])
 def test_step_is_the_authors_algorithm(batched):
-    model = tiny_model(lambda_cycle=7.0, lambda_identity=0.3, train={"lr": 0.001, "beta1": 0.4})
+    # An identity weight below 1 (2 * 0.3): nothing may treat the weight as on/off at 1.
+    model = tiny_model(lambda_cycle=2.0, lambda_identity=0.3, train={"lr": 0.001, "beta1": 0.4})
     model.batch_generators = model.batch_discriminators = batched
     for step in range(3):
         real_A, real_B = images(2, seed=2 * step), images(2, seed=2 * step + 1)
         reference = copy.deepcopy(model)
         ours, theirs = record_gradients(model.opt_G, model.opt_D), record_gradients(reference.opt_G, reference.opt_D)
         expected = authors_step(reference.nets, reference.opt_G, reference.opt_D, real_A, real_B,
-                                lam=7.0, lam_idt=0.3)
+                                lam=2.0, lam_idt=0.3)
         assert_same_losses(model.train_step(real_A, real_B), expected)
         assert_same_gradients(ours, theirs)
 
@@ -125,6 +126,17 @@ def test_identity_off_logs_zero_and_wgangp_adds_a_penalty():
     for k in ("D_A", "D_B"):  # the same step but for the penalty, which is positive
         assert losses[k] > without[k]
     assert losses["G_A"] == without["G_A"]
+
+
+def test_identity_off_skips_the_identity_translations():
+    # lambda_identity 0 is the usual ablation: G_A(b) and G_B(a) would cost a third of the
+    # generator work for a loss weighted 0 (and, with dropout, shift the random stream).
+    model = tiny_model(lambda_identity=0.0)
+    calls = {"G_A": [], "G_B": []}
+    for name in calls:
+        model.nets[name].register_forward_hook(lambda net, args, out, name=name: calls[name].append(args[0].shape[0]))
+    model.train_step(images(2), images(2, seed=1))
+    assert calls == {"G_A": [2, 2], "G_B": [2, 2]}  # G_A(real_A), G_A(fake_A); G_B(fake_B), G_B(real_B)
 
 
 def test_generator_loss_leaves_no_gradient_in_the_discriminators():
