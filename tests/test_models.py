@@ -157,13 +157,16 @@ def test_image_pool_fills_then_swaps_half_the_time():
     pool = ImagePool(4, seed=0)
     first = torch.arange(4.0).view(4, 1, 1, 1)
     assert torch.equal(pool.query(first), first)  # filling: every image passes through
-    returned_old = 0
+    returned_old, returned = 0, set()
     for i in range(200):
         new = torch.full((1, 1, 1, 1), 100.0 + i)
         out = pool.query(new)
         returned_old += int(out.item() != new.item())
+        returned.add(out.item())
         assert len(pool.images) == 4
     assert 70 < returned_old < 130  # p = 0.5
+    # A swap picks any of the 4 slots: each first image comes back, the first and the last too.
+    assert {0.0, 1.0, 2.0, 3.0} <= returned
     assert torch.equal(ImagePool(0).query(first), first)
 
 
