@@ -1,9 +1,12 @@
 """The training samples (cyclegan.data.UnpairedTrainSet): random flips as the authors apply them."""
 from __future__ import annotations
 
-import numpy as np
+import warnings
 
-from cyclegan.data import PositionSampler, UnpairedTrainSet
+import numpy as np
+import torch
+
+from cyclegan.data import PositionSampler, UnpairedTrainSet, to_tensor
 
 SIZE, N = 8, 400
 
@@ -86,3 +89,16 @@ def test_an_epochs_samples_depend_on_the_epoch_alone_not_on_the_epochs_before():
     walked.set_epoch(0)
     assert drawn(walked) == orders[0] == drawn(UnpairedTrainSet(a, b, SIZE, flip=True, seed=5))
     assert orders[0][0] != orders[1][0] != orders[2][0]
+
+
+def test_to_tensor_reads_a_read_only_memory_map_without_aliasing_it(tmp_path):
+    # Prepared splits are opened as read-only memory maps; torch must get a copy, not a view it
+    # warns about (and could write through).
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    np.save(tmp_path / "split.npy", images)
+    mapped = np.load(tmp_path / "split.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = to_tensor(mapped)
+    expected = torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.testing.assert_close(t, expected, rtol=0, atol=1e-6)

@@ -171,7 +171,6 @@ def test_other_params_start_in_their_own_folder_and_keep_the_others(project, cap
     run_train()
     out = capsys.readouterr().out
     assert "resuming" not in out
-    assert f"{paths.CHECKPOINTS} also holds 1 other run" in out and "kept" in out
     losses = read_losses()
     assert [r["step"] for r in losses] == ["1", "2", "3", "4"]
     assert losses[0]["loss_G_A"] == first_losses[0]["loss_G_A"]  # the same start ...
@@ -180,6 +179,8 @@ def test_other_params_start_in_their_own_folder_and_keep_the_others(project, cap
     # The first run's training state is untouched, beside the new run's.
     assert {p: p.read_bytes() for p in first_dir.iterdir()} == first_files
     (new_dir,) = [d for d in paths.CHECKPOINTS.iterdir() if d != first_dir]
+    assert f"cyclegan train: starting afresh in {new_dir}; {paths.CHECKPOINTS} also holds 1 other run (" in out
+    assert "kept: delete what you no longer need" in out
     state = torch.load(new_dir / "step_000000004.pt", weights_only=True)
     assert state["config"]["lambda_cycle"] == 5.0
 
@@ -324,5 +325,6 @@ def test_resuming_after_the_pools_filled_restores_them_and_their_random_stream(t
     assert state["step"] == 9 and pool["images"].shape[0] == 2  # full, and swapping since step 3
     set_params(resumed, merge(written, {"train": {"max_steps": 0}}))
     run_train()
-    assert f"resuming from {run_dir() / 'step_000000009.pt'}" in capsys.readouterr().out
+    # The whole line: step 9 of 12-step epochs is in the first epoch, and nothing else changed.
+    assert f"cyclegan train: resuming from {run_dir() / 'step_000000009.pt'} (epoch 1, step 9)\n" in capsys.readouterr().out
     assert_same_run(outputs(resumed), outputs(reference))
