@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import torch
 
-from cyclegan.data import PositionSampler, UnpairedTrainSet, to_tensor
+from cyclegan.data import PositionSampler, UnpairedTrainSet, to_tensor, to_uint8
 
 SIZE, N = 8, 400
 
@@ -102,3 +102,11 @@ def test_to_tensor_reads_a_read_only_memory_map_without_aliasing_it(tmp_path):
         t = to_tensor(mapped)
     expected = torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
     torch.testing.assert_close(t, expected, rtol=0, atol=1e-6)
+
+
+def test_to_uint8_inverts_to_tensor_and_clamps_what_leaves_the_range():
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    assert np.array_equal(to_uint8(to_tensor(every_value)), every_value)
+    # A generator's tanh stays in [-1, 1]; anything past it saturates instead of wrapping around.
+    x = torch.tensor([-3.0, -1.5, -1.0, 0.0, 1.0, 1.5, 3.0]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 0, 128, 255, 255, 255]
