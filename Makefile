@@ -29,11 +29,12 @@ bench: install
 	$(PY) benchmarks/train_step.py
 
 # Mutation testing of the core (not part of `make test`; an hour or more on 2 cores for all of it):
-# `make mutate MODULE=losses` for one module (losses, data, checkpoint, config, model), then
+# `make mutate MODULE=losses` for one module (losses, data, checkpoint, config, model), or
+# `make mutate MUTANTS='cyclegan.model.x_lr_factor*'` for mutants by name (globs), then
 # `.venv/bin/mutmut show <name>` for a survivor. Config: [tool.mutmut] in pyproject.toml.
 mutate: install
 	# One torch thread per mutant worker: JOBS workers share the cores, not JOBS x cores threads.
-	OMP_NUM_THREADS=1 PATH=$(VENV)/bin:$$PATH $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2) $(if $(MODULE),"cyclegan.$(MODULE).*")
+	OMP_NUM_THREADS=1 PATH=$(VENV)/bin:$$PATH $(VENV)/bin/mutmut run --max-children $(or $(JOBS),2) $(if $(MODULE),"cyclegan.$(MODULE).*") $(MUTANTS)
 	$(VENV)/bin/mutmut results
 
 clean-env:
