@@ -394,3 +394,10 @@ def test_fingerprint_covers_what_defines_the_run_and_nothing_else():
                     checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "other-data", "code-hash"),
                     checkpoint.fingerprint(config_from_dict(TRAIN_PARAMS), "data-hash", "other-code")):
         assert changed != base
+    # Generators to start from count by content, not by name: the same file renamed is the same run.
+    def started_from(path: str, sha256: str) -> str:
+        cfg = config_from_dict(merge(TRAIN_PARAMS, {"train": {"init_from": {"G_A": path}}}))
+        return checkpoint.fingerprint(cfg, "data-hash", "code-hash", {"G_A": sha256})
+
+    assert started_from("models/init/a.safetensors", "1" * 64) == started_from("models/init/b.safetensors", "1" * 64)
+    assert started_from("models/init/a.safetensors", "1" * 64) not in (base, started_from("models/init/a.safetensors", "2" * 64))
