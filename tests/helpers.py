@@ -229,6 +229,12 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+def dvc_env() -> dict[str, str]:
+    """The environment of git and dvc commands: the venv's bin first on PATH (`dvc queue start`
+    spawns its workers as `dvc`, found on PATH), and git identities."""
+    return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
+
+
 def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     """A fresh git + DVC repo holding this project's pipeline files and source, with `overrides`."""
     dest.mkdir(parents=True)
@@ -240,7 +246,7 @@ def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     shutil.copytree(ROOT / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     params = merge(yaml.safe_load((dest / "params.yaml").read_text()), overrides)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
+    env = dvc_env()
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store at the project root is under test
     run(["git", "init", "-q"], dest, env)
     run(["git", "add", "-A"], dest, env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ from cyclegan.comparison import (Comparison, differences, load_dvc, load_mlflow,
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import compare
-from helpers import GIT_DVC_ENV, VENV_BIN, run
+from helpers import dvc_env, run
 
 # A stand-in for train + evaluate: metrics that depend on the params, in the pipeline's files.
 STAGE_SCRIPT = """\
@@ -39,9 +38,7 @@ json.dump({"steps": 4, "identity_weight_effective": p["lambda_cycle"] * lam}, op
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
-    # The venv's bin first: `dvc queue start` spawns its worker as `dvc`, found on PATH.
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **GIT_DVC_ENV}
-    return run(cmd, cwd, env, timeout=300).stdout
+    return run(cmd, cwd, dvc_env(), timeout=300).stdout
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -370,8 +367,7 @@ def test_queued_seed_sweep_groups_by_setting_and_links_dvc_commits(tmp_path, mon
             time.sleep(2)
     finally:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo,
-                       env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                            **GIT_DVC_ENV}, capture_output=True, timeout=120)
+                       env=dvc_env(), capture_output=True, timeout=120)
     assert len(states) == 4 and {s for s, _ in states.values()} == {"success"}, states
 
     client = mlflow_client(repo)
@@ -381,9 +377,8 @@ def test_queued_seed_sweep_groups_by_setting_and_links_dvc_commits(tmp_path, mon
     assert {r.data.tags["dvc_exp_baseline_rev"] for r in runs} == {baseline}
     assert not any(tracking.EXP_COMMIT_TAG in r.data.tags for r in runs)  # DVC commits after the stages
 
-    env = {**os.environ, **GIT_DVC_ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     for source in ("mlflow", "dvc"):
-        out = run(["cyclegan", "compare", "--source", source, "--metric", "fid_A2B"], repo, env, timeout=300)
+        out = run(["cyclegan", "compare", "--source", source, "--metric", "fid_A2B"], repo, dvc_env(), timeout=300)
         settings = pd.read_csv(repo / "reports/compare_settings.csv")
         assert list(settings["lambda_identity"]) == [0.0, 1.0] and list(settings["n"]) == [2, 2], source
         assert list(settings["fid_A2B_mean"]) == [102.0, 90.5] and list(settings["seeds"]) == ["0 1", "0 1"], source

@@ -27,11 +27,10 @@ from cyclegan.data import PreparedDataset, UnpairedTrainSet
 from cyclegan.errors import UserError
 from cyclegan.generators import load_generator
 from cyclegan.networks import NLayerDiscriminator, ResnetGenerator, UnetGenerator
-from helpers import TINY, TRAIN_PARAMS, ScriptedServer, make_project, merge, mlflow_client, pipeline_repo, read_losses, run, run_train
+from helpers import TINY, TRAIN_PARAMS, VENV_BIN, ScriptedServer, make_project, merge, mlflow_client, pipeline_repo, read_losses, run, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "authors_generators"
-VENV_BIN = Path(sys.executable).parent
 CPU = torch.device("cpu")
 # Our generator files' suffix, in every name these tests choose (torch.load reads a path by its suffix).
 SUFFIX = authors.SUFFIX

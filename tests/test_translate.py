@@ -140,7 +140,7 @@ def test_generator_file_is_safetensors_with_its_architecture_and_the_same_bytes_
     assert header["direction"] == "B2A" and header["model"]["use_dropout"] is True and header["model"]["ngf"] == 4
     model, direction, state = read_generator(Path("g.safetensors"))
     assert model == cfg.model and direction == "B2A" and state.keys() == net.state_dict().keys()
-    # The header alone, as the MLflow model logging reads it: no tensor is read.
+    # The header alone, as the MLflow model logging reads it: no weights come back.
     assert read_generator(Path("g.safetensors"), weights=False) == (cfg.model, "B2A", {})
     model, direction, loaded = open_generator(Path("g.safetensors"), torch.device("cpu"))
     assert model == cfg.model and direction == "B2A" and not loaded.training

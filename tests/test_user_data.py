@@ -31,7 +31,7 @@ from cyclegan import fileio
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import download, prepare
-from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, project_env, run, tracking_uri
+from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, project_env, read_losses, run, tracking_uri
 
 DVC = str(VENV_BIN / "dvc")
 CYCLEGAN = str(VENV_BIN / "cyclegan")
@@ -527,7 +527,7 @@ def test_three_queued_experiments_two_at_a_time_each_with_its_own_run(user_proje
     runs = client.search_runs([client.get_experiment_by_name("cyclegan").experiment_id])
     sweep = {r.data.params["lambda_identity"]: r for r in runs}
     assert sorted(sweep) == ["0.0", "0.5", "1.0"] and len(runs) == 3, [r.data.params["lambda_identity"] for r in runs]
-    steps = int((user_project.root / "metrics/train_losses.csv").read_text().splitlines()[-1].split(",")[0])
+    steps = int(read_losses(user_project.root / "metrics/train_losses.csv")[-1]["step"])
     logged = sorted({*range(4, steps + 1, 4), steps})
     for value, r in sweep.items():
         assert r.info.status == "FINISHED"
