@@ -4,7 +4,7 @@
 
 1. prepare: decode + convert + BICUBIC resize of all 2661 images (train to 286, test to 256),
    written as memory-mapped arrays, serial and with one worker process per core.
-2. loader: cyclegan.data.UnpairedTrainSet (random 256 crop + flip of the prepared 286 arrays)
+2. loader: cyclegan.prepared_data.UnpairedTrainSet (random 256 crop + flip of the prepared 286 arrays)
    through a torch DataLoader with batch 1, as `train` reads it, for a few worker counts, and
    in-process with one torch thread (collation is torch ops; on a busy CPU extra intra-op
    threads cost far more than they give).
@@ -44,7 +44,7 @@ def bench_loader(prepared: Path, items: int, num_workers: int, threads: int, see
     import torch
     from torch.utils.data import DataLoader
 
-    from cyclegan.data import PositionSampler, PreparedDataset, UnpairedTrainSet
+    from cyclegan.prepared_data import PositionSampler, PreparedDataset, UnpairedTrainSet
 
     ds = PreparedDataset.open(prepared)
     train = UnpairedTrainSet(ds.array("trainA"), ds.array("trainB"), crop_size=256, flip=True, seed=seed)

@@ -59,7 +59,7 @@ if [ "$DRY" = 1 ]; then
                 for f in "${FIRST[@]}"; do cp "../shared/datasets/horse2zebra/$split/$f" "$DATA/$split/"; done
             done
         else
-            "$PY" -c "from cyclegan import toy_dataset; toy_dataset.generate(__import__('pathlib').Path('$DATA'), image_size=48, n_train_a=6, n_train_b=6, n_test=6, seed=0)"
+            "$PY" -c "from cyclegan.datasets import toy; toy.generate(__import__('pathlib').Path('$DATA'), image_size=48, n_train_a=6, n_train_b=6, n_test=6, seed=0)"
         fi
     fi
 else

@@ -72,7 +72,7 @@ def train(args: argparse.Namespace, prepared: Path) -> tuple[object, dict]:
     from torch.utils.data import DataLoader
 
     from cyclegan.config import config_from_dict
-    from cyclegan.data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
+    from cyclegan.prepared_data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
     from cyclegan.distributed import Distributed
     from cyclegan.runtime import build_model, configure_torch
 
@@ -108,9 +108,9 @@ def train(args: argparse.Namespace, prepared: Path) -> tuple[object, dict]:
 
 
 def translate(model, prepared: Path, batch_size: int = 8) -> dict[str, np.ndarray]:
-    from cyclegan.data import PreparedDataset
+    from cyclegan.prepared_data import PreparedDataset
     from cyclegan.device import exact_fp32
-    from cyclegan.generators import translate_array
+    from cyclegan.generator_file import translate_array
 
     data = PreparedDataset.open(prepared)
     for net in model.nets.values():
@@ -125,7 +125,7 @@ def score(fakes: dict[str, np.ndarray], prepared: Path, device: str) -> dict:
     import torch_fidelity
 
     from cyclegan import inception
-    from cyclegan.data import PreparedDataset
+    from cyclegan.prepared_data import PreparedDataset
     from cyclegan.fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, translation_scores
 
     data = PreparedDataset.open(prepared)

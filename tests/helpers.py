@@ -31,9 +31,10 @@ import torch
 import yaml
 from PIL import Image
 
-from cyclegan import checkpoint, paths, toy_dataset
+from cyclegan import checkpoint, paths
+from cyclegan.datasets import toy
 from cyclegan.config import config_from_dict
-from cyclegan.data import MANIFEST
+from cyclegan.prepared_data import MANIFEST
 
 # --- params --------------------------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ def make_project(root: Path, n_a: int = 12, n_b: int = 10, n_test: int = 4, **ov
     load, crop = params["data"]["load_size"], params["data"]["crop_size"]
     raw = root / "raw"
     if not raw.exists():
-        toy_dataset.generate(raw, image_size=load, n_train_a=n_a, n_train_b=n_b, n_test=n_test, seed=2017)
+        toy.generate(raw, image_size=load, n_train_a=n_a, n_train_b=n_b, n_test=n_test, seed=2017)
     arrays, files, digest = {}, {}, hashlib.sha256()
     for split in ("trainA", "trainB", "testA", "testB"):
         names = sorted(p.name for p in (raw / split).iterdir())
@@ -148,7 +149,7 @@ def read_losses(path: Path = paths.TRAIN_LOSSES) -> list[dict[str, str]]:
 
 
 def generator_weights(path: Path) -> dict[str, torch.Tensor]:
-    from cyclegan.generators import read_generator
+    from cyclegan.generator_file import read_generator
 
     return read_generator(path)[2]
 

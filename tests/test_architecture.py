@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cyclegan import sources
+from cyclegan import code_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-STAGES_PACKAGE = f"{sources.PACKAGE}.stages"
+STAGES_PACKAGE = f"{code_closure.PACKAGE}.stages"
 
 
 def stage_closure(stage: str) -> set[str]:
     """The files under src/ that `cyclegan <stage>` runs, as dvc.yaml paths."""
-    return {str(f.relative_to(ROOT)) for f in sources.command_sources(stage, SRC)}
+    return {str(f.relative_to(ROOT)) for f in code_closure.command_sources(stage, SRC)}
 
 
 def dvc_stages() -> dict:
@@ -56,16 +56,16 @@ def python_files(folder: Path) -> list[Path]:
 
 
 def test_stages_do_not_import_each_other():
-    for path in python_files(SRC / sources.PACKAGE / "stages"):
-        others = ({m for m in sources.imported_modules(path, SRC) if m.startswith(f"{STAGES_PACKAGE}.")}
-                  - {sources.module_name(path, SRC)})
+    for path in python_files(SRC / code_closure.PACKAGE / "stages"):
+        others = ({m for m in code_closure.imported_modules(path, SRC) if m.startswith(f"{STAGES_PACKAGE}.")}
+                  - {code_closure.module_name(path, SRC)})
         assert not others, f"{path.relative_to(ROOT)} imports the stage modules {sorted(others)}: move what they share to the core"
 
 
 def _imports_stages(path: Path) -> bool:
     """Whether `path` imports the stages package or a stage module, relatively or not."""
     if path.is_relative_to(SRC):
-        found = sources.imported_modules(path, SRC)
+        found = code_closure.imported_modules(path, SRC)
     else:  # benchmarks: absolute imports only
         found = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -77,7 +77,7 @@ def _imports_stages(path: Path) -> bool:
 
 
 def test_nothing_outside_the_stages_imports_them_but_the_cli():
-    package = SRC / sources.PACKAGE
+    package = SRC / code_closure.PACKAGE
     outside = [p for p in python_files(package) if "stages" not in p.relative_to(package).parts]
     outside += python_files(ROOT / "benchmarks")
     offenders = [str(p.relative_to(ROOT)) for p in outside if p.name != "cli.py" and _imports_stages(p)]
@@ -88,12 +88,12 @@ def test_the_code_hash_follows_the_train_stage_s_closure_and_nothing_else(tmp_pa
     """The train stage's code is part of a run's fingerprint: a change to a file it runs starts
     a new run (DVC reruns the stage for it), a change elsewhere does not."""
     copy = tmp_path / "src"
-    shutil.copytree(SRC / sources.PACKAGE, copy / sources.PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    before = sources.sources_sha256("train", copy)
-    assert before == sources.sources_sha256("train", SRC)
-    report = copy / sources.PACKAGE / "stages" / "report.py"
+    shutil.copytree(SRC / code_closure.PACKAGE, copy / code_closure.PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_closure.sources_sha256("train", copy)
+    assert before == code_closure.sources_sha256("train", SRC)
+    report = copy / code_closure.PACKAGE / "stages" / "report.py"
     report.write_text(report.read_text() + "\n# a change train does not run\n")
-    assert sources.sources_sha256("train", copy) == before
-    losses = copy / sources.PACKAGE / "losses.py"
+    assert code_closure.sources_sha256("train", copy) == before
+    losses = copy / code_closure.PACKAGE / "losses.py"
     losses.write_text(losses.read_text() + "\n# a change train runs\n")
-    assert sources.sources_sha256("train", copy) != before
+    assert code_closure.sources_sha256("train", copy) != before

@@ -19,7 +19,7 @@ from cyclegan import fid_kid, inception
 from cyclegan.config import config_from_dict
 from cyclegan.device import exact_fp32
 from cyclegan.distributed import Distributed
-from cyclegan.generators import translate_array
+from cyclegan.generator_file import translate_array
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model, configure_torch
 from helpers import TRAIN_PARAMS, merge

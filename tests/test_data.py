@@ -1,4 +1,4 @@
-"""The training samples (cyclegan.data.UnpairedTrainSet): random flips as the authors apply them."""
+"""The training samples (cyclegan.prepared_data.UnpairedTrainSet): random flips as the authors apply them."""
 from __future__ import annotations
 
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import torch
 
-from cyclegan.data import PositionSampler, UnpairedTrainSet, to_tensor, to_uint8
+from cyclegan.prepared_data import PositionSampler, UnpairedTrainSet, to_tensor, to_uint8
 
 SIZE, N = 8, 400
 

@@ -20,7 +20,7 @@ import pytest
 from cyclegan import datasets
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
-from cyclegan.data import SPLITS
+from cyclegan.prepared_data import SPLITS
 from cyclegan.errors import UserError
 from cyclegan.stages import download
 from helpers import ScriptedServer

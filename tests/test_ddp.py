@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from cyclegan import paths
 from cyclegan.config import config_from_dict
-from cyclegan.data import PositionSampler, UnpairedTrainSet
+from cyclegan.prepared_data import PositionSampler, UnpairedTrainSet
 from cyclegan.distributed import Distributed
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model

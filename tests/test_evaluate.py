@@ -18,7 +18,7 @@ from cyclegan import fid_kid, paths
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import evaluate as ev
-from cyclegan.toy_dataset import render_scene
+from cyclegan.datasets.toy import render_scene
 from helpers import write_prepared
 
 SIZE = 32

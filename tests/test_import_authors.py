@@ -20,12 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cyclegan import authors, checkpoint, paths
+from cyclegan import checkpoint, generator_authors, paths
 from cyclegan.cli import main as cli_main
 from cyclegan.config import ConfigError, config_from_dict
-from cyclegan.data import PreparedDataset, UnpairedTrainSet
+from cyclegan.prepared_data import PreparedDataset, UnpairedTrainSet
 from cyclegan.errors import UserError
-from cyclegan.generators import load_generator
+from cyclegan.generator_file import load_generator
 from cyclegan.networks import NLayerDiscriminator, ResnetGenerator, UnetGenerator
 from helpers import TINY, TRAIN_PARAMS, VENV_BIN, ScriptedServer, make_project, merge, mlflow_client, pipeline_repo, read_losses, run, run_train
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "authors_generators"
 CPU = torch.device("cpu")
 # Our generator files' suffix, in every name these tests choose (torch.load reads a path by its suffix).
-SUFFIX = authors.SUFFIX
+SUFFIX = generator_authors.SUFFIX
 # tag: (netG, dropout), all ngf 8, instance norm
 AUTHORS_FILES = {
     "resnet_9blocks_ngf8": ("resnet_9blocks", False),
@@ -86,7 +86,7 @@ def pipeline_generator(root: Path, name: str) -> Path:
 
 def error_of(source: str | Path, tmp_path: Path) -> str:
     with pytest.raises(UserError) as e:
-        authors.import_generator(str(source), "A2B", tmp_path / f"out{SUFFIX}")
+        generator_authors.import_generator(str(source), "A2B", tmp_path / f"out{SUFFIX}")
     message = str(e.value)
     assert "\n" not in message
     assert not (tmp_path / f"out{SUFFIX}").exists()
@@ -98,7 +98,7 @@ def error_of(source: str | Path, tmp_path: Path) -> str:
 @pytest.mark.parametrize("tag", list(AUTHORS_FILES))
 def test_each_authors_file_imports_and_translates_as_their_code(tag, tmp_path):
     out = tmp_path / f"{tag}{SUFFIX}"
-    imported = authors.import_generator(str(authors_file(tag)), "A2B", out)
+    imported = generator_authors.import_generator(str(authors_file(tag)), "A2B", out)
     netG, dropout = AUTHORS_FILES[tag]
     model = imported.converted.model
     assert (model.netG, model.ngf, model.norm, model.use_dropout) == (netG, 8, "instance", dropout)
@@ -125,7 +125,7 @@ def test_a_dataparallel_file_imports_through_the_cli_without_a_project(tmp_path,
 
 def test_cyclegan_translate_with_an_imported_file_gives_their_output(tmp_path, monkeypatch):
     out = tmp_path / f"h2z{SUFFIX}"
-    authors.import_generator(str(authors_file("resnet_6blocks_ngf8")), "A2B", out)
+    generator_authors.import_generator(str(authors_file("resnet_6blocks_ngf8")), "A2B", out)
     photos = tmp_path / "photos"
     photos.mkdir()
     shutil.copy(FIXTURES / "input_64.png", photos / "horse.png")
@@ -150,7 +150,7 @@ def test_a_u_net_and_a_norm_none_network_import_with_what_their_code_saves(tmp_p
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     torch.save(unet.state_dict(), tmp_path / "unet_net_G.pth")
-    imported = authors.import_generator(str(tmp_path / "unet_net_G.pth"), "A2B", tmp_path / f"unet{SUFFIX}")
+    imported = generator_authors.import_generator(str(tmp_path / "unet_net_G.pth"), "A2B", tmp_path / f"unet{SUFFIX}")
     assert (imported.converted.model.netG, imported.converted.model.norm) == ("unet_128", "batch")
     with torch.no_grad():
         np.testing.assert_allclose(translate(tmp_path / f"unet{SUFFIX}", x), unet(x)[0].numpy(), atol=1e-6)
@@ -166,7 +166,7 @@ def test_a_u_net_and_a_norm_none_network_import_with_what_their_code_saves(tmp_p
     theirs = {k.replace(".block.", ".conv_block."): v for k, v in net.state_dict().items()
               if not k.endswith(".bias") or k == last}
     torch.save(theirs, tmp_path / "none_net_G.pth")
-    imported = authors.import_generator(str(tmp_path / "none_net_G.pth"), "A2B", tmp_path / f"none{SUFFIX}")
+    imported = generator_authors.import_generator(str(tmp_path / "none_net_G.pth"), "A2B", tmp_path / f"none{SUFFIX}")
     assert imported.converted.model.norm == "none"
     assert any("added 17 zero biases" in note for note in imported.converted.adapted)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_a_pickle_with_code_is_refused_without_running_it(tmp_path):
 def test_a_path_or_name_that_is_neither_is_one_line(tmp_path):
     message = error_of("horse2zebr", tmp_path)
     assert message.startswith("'horse2zebr' is neither a file nor one of the authors' pretrained generators: ")
-    assert all(name in message for name in authors.OFFICIAL) and len(authors.OFFICIAL) == 18
+    assert all(name in message for name in generator_authors.OFFICIAL) and len(generator_authors.OFFICIAL) == 18
     assert error_of(tmp_path / "missing.pth", tmp_path) == f"{tmp_path / 'missing.pth'}: no such file"
 
 
@@ -241,7 +241,7 @@ def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connectio
     mirror.files["horse2zebra.pth"] = (served / "horse2zebra.pth").read_bytes()
     mirror.script = ["drop"]  # the first answer sends half the file and closes
     try:
-        monkeypatch.setenv(authors.URL_ENV, mirror.url)
+        monkeypatch.setenv(generator_authors.URL_ENV, mirror.url)
         monkeypatch.setenv("CYCLEGAN_CACHE", str(tmp_path / "cache"))
         monkeypatch.setenv("CYCLEGAN_DOWNLOAD_BACKOFF", "0.01")
         project = tmp_path / "project"
@@ -260,18 +260,18 @@ def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connectio
         # A name the mirror lacks: one line naming the URL, the variable, and the file to provide.
         message = error_of("zebra2horse", tmp_path)
         assert message == (f"{mirror.url}/zebra2horse.pth: not found (HTTP 404); check the name (one of 18 "
-                           f"official ones), or set {authors.URL_ENV} to a server or folder that holds "
+                           f"official ones), or set {generator_authors.URL_ENV} to a server or folder that holds "
                            f"zebra2horse.pth")
     finally:
         mirror.close()
 
     # The mirror may be a folder too, given as a path or a file:// URL.
     for base in (str(served), served.as_uri()):
-        monkeypatch.setenv(authors.URL_ENV, base)
+        monkeypatch.setenv(generator_authors.URL_ENV, base)
         out = tmp_path / f"from_folder{SUFFIX}"
-        authors.import_generator("horse2zebra", "A2B", out)
+        generator_authors.import_generator("horse2zebra", "A2B", out)
         np.testing.assert_allclose(translate(out, input_64()), expected, rtol=0, atol=1e-5)
-    assert error_of("zebra2horse", tmp_path).startswith(f"{authors.URL_ENV}={served.as_uri()}: no zebra2horse.pth")
+    assert error_of("zebra2horse", tmp_path).startswith(f"{generator_authors.URL_ENV}={served.as_uri()}: no zebra2horse.pth")
 
 
 # --- train.init_from -----------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connectio
 def import_into(project: Path, tag: str, name: str, direction: str = "A2B") -> str:
     """Import a fixture into the project's models/init/ as `name`; returns its train.init_from value."""
     rel = paths.INIT / f"{name}{SUFFIX}"
-    authors.import_generator(str(authors_file(tag)), direction, project / rel)
+    generator_authors.import_generator(str(authors_file(tag)), direction, project / rel)
     return str(rel)
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from cyclegan import paths
 from cyclegan.cli import main as cli_main
 from cyclegan.config import ConfigError, config_from_dict
-from cyclegan.generators import load_generator, translate_array
+from cyclegan.generator_file import load_generator, translate_array
 from helpers import (TRAIN_PARAMS, background_process, enter_project, free_port, http_ok, make_project, merge,
                      mlflow_client, run_id, run_train, tracking_uri, wait_for)
 
@@ -96,7 +96,7 @@ def test_both_generators_are_models_of_the_run(in_project):
         weights = folder / "artifacts" / paths.GENERATORS[name].name
         assert weights.read_bytes() == paths.GENERATORS[name].read_bytes()
         assert not list(folder.rglob("*.pkl"))
-        assert (folder / "code" / "cyclegan" / "generators.py").is_file()
+        assert (folder / "code" / "cyclegan" / "generator_file.py").is_file()
         info = mlflow.models.get_model_info(f"models:/{model.model_id}")
         assert info.metadata["direction"] == direction and info.metadata["model"]["ngf"] == 8
         spec = info.signature.inputs.inputs[0]

@@ -1,5 +1,5 @@
 """`cyclegan prepare`: bad images skipped or fatal, colour modes converted right, the format of
-cyclegan.data written atomically, duplicates and targets handled."""
+cyclegan.prepared_data written atomically, duplicates and targets handled."""
 from __future__ import annotations
 
 import io
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cyclegan import images, toy_dataset
+from cyclegan import images
+from cyclegan.datasets import toy
 from cyclegan.config import config_from_dict
-from cyclegan.data import PreparedDataset
+from cyclegan.prepared_data import PreparedDataset
 from cyclegan.errors import UserError
 from cyclegan.stages import prepare
 
@@ -232,7 +233,7 @@ def test_train_test_duplicates_are_warned(project, capsys):
 
 def test_targets_stay_aligned_with_their_test_images(project):
     raw = project / "data/raw/toy_horse2zebra"
-    toy_dataset.generate(raw, image_size=16, n_train_a=2, n_train_b=2, n_test=3, seed=0)
+    toy.generate(raw, image_size=16, n_train_a=2, n_train_b=2, n_test=3, seed=0)
     (raw / "testA_target/00001.png").unlink()
     report = prepare.run(cfg("toy_horse2zebra"))
     ds = PreparedDataset.open("data/prepared/toy_horse2zebra")

@@ -18,13 +18,13 @@ from PIL import Image
 
 from cyclegan import cli, paths, tracking
 from cyclegan.config import config_from_dict
-from cyclegan.data import to_tensor, to_uint8
+from cyclegan.prepared_data import to_tensor, to_uint8
 from cyclegan.errors import UserError
-from cyclegan.generators import load_generator, save_generator
+from cyclegan.generator_file import load_generator, save_generator
 from cyclegan.model import LOSS_TERMS
 from cyclegan.networks import build_networks
 from cyclegan.stages import report
-from cyclegan.toy_dataset import render_scene
+from cyclegan.datasets.toy import render_scene
 from helpers import enter_project, set_params, write_prepared
 
 SIZE = 32

@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
-from cyclegan import checkpoint, paths, sources
+from cyclegan import checkpoint, code_closure, paths
 from cyclegan.config import config_from_dict
-from cyclegan.data import MANIFEST
+from cyclegan.prepared_data import MANIFEST
 from cyclegan.errors import UserError
 from cyclegan.model import CycleGAN
 from helpers import (TRAIN_PARAMS, enter_project, generator_weights, make_project, merge, mlflow_client,
@@ -137,7 +137,7 @@ def test_a_checkpoint_holding_code_is_skipped_without_running_it(tmp_path, capsy
 def test_checkpoint_holds_the_full_state_and_loads_weights_only(project):
     make_project(project, **merge(PARAMS, {"train": {"max_steps": 10}}))
     params = config_from_dict(yaml.safe_load(Path("params.yaml").read_text()))
-    fingerprint = checkpoint.fingerprint(params, prepared_hash(), sources.sources_sha256("train"))
+    fingerprint = checkpoint.fingerprint(params, prepared_hash(), code_closure.sources_sha256("train"))
     folder = checkpoint.run_folder(paths.CHECKPOINTS, fingerprint)
     stale = folder / ".step_000000003.pt.x1y2.tmp"  # left by a killed write
     stale.parent.mkdir(parents=True)

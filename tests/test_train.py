@@ -1,7 +1,7 @@
 """The training step against the authors' algorithm, and `cyclegan train` end to end on CPU.
 
 Projects are built in tmp (helpers.make_project): a few toy images in the prepared format of
-cyclegan.data, tiny networks (ngf 8) and 28 px crops, so a whole run takes seconds.
+cyclegan.prepared_data, tiny networks (ngf 8) and 28 px crops, so a whole run takes seconds.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from cyclegan.config import config_from_dict
 from cyclegan.device import cpu_has_native_bf16
 from cyclegan.distributed import Distributed
 from cyclegan.errors import UserError
-from cyclegan.generators import load_generator
+from cyclegan.generator_file import load_generator
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
 from cyclegan.stages import train

@@ -16,7 +16,7 @@ from cyclegan import paths
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
-from cyclegan.generators import load_generator, open_generator, read_generator, save_generator, translate_array
+from cyclegan.generator_file import load_generator, open_generator, read_generator, save_generator, translate_array
 from cyclegan.networks import build_generator
 from cyclegan.stages import translate
 from helpers import write_prepared
@@ -149,7 +149,7 @@ def test_generator_file_is_safetensors_with_its_architecture_and_the_same_bytes_
 
     # Another process (another hash seed, another dict order) writes the same bytes.
     code = ("import sys, torch; from pathlib import Path; from cyclegan.config import config_from_dict; "
-            "from cyclegan.networks import build_generator; from cyclegan.generators import save_generator; "
+            "from cyclegan.networks import build_generator; from cyclegan.generator_file import save_generator; "
             "cfg = config_from_dict({'model': {'netG': 'resnet_6blocks', 'ngf': 4, 'use_dropout': True}}); "
             "torch.manual_seed(0); save_generator(build_generator(cfg.model), cfg.model, 'B2A', Path(sys.argv[1]))")
     for seed in ("1", "2"):

@@ -45,7 +45,7 @@ NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every
 
 def fingerprint(cfg: Config, data_hash: str, code_hash: str, init_hashes: dict[str, str] | None = None) -> str:
     """The run a checkpoint belongs to: every param that defines what is trained, the data, and
-    the code that trains it (cyclegan.sources: a change there makes DVC rerun the stage, and a
+    the code that trains it (cyclegan.code_closure: a change there makes DVC rerun the stage, and a
     resumed run would mix two versions of the algorithm), and the content (sha256) of the
     generators it starts from, `init_hashes` (train.init_from; their paths are not in it: the same
     weights under another name are the same run).

@@ -11,7 +11,8 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from .. import datasets, toy_dataset
+from .. import datasets
+from ..datasets import toy
 from ..config import Config
 from ..fileio import atomic_dir
 from ..paths import RAW
@@ -20,18 +21,18 @@ from ..paths import RAW
 def _toy_marker(cfg: Config) -> dict:
     # The generator's own source is part of the key: DVC reruns this stage when it changes, and
     # the data must then change with it.
-    generator = hashlib.sha256(Path(toy_dataset.__file__).read_bytes()).hexdigest()
-    return {"kind": "toy", "dataset": toy_dataset.NAME, "toy": dataclasses.asdict(cfg.data.toy),
+    generator = hashlib.sha256(Path(toy.__file__).read_bytes()).hexdigest()
+    return {"kind": "toy", "dataset": toy.NAME, "toy": dataclasses.asdict(cfg.data.toy),
             "generator_sha256": generator}
 
 
 def generate_toy(cfg: Config, raw_root: Path = RAW) -> str:
-    dest = raw_root / toy_dataset.NAME
+    dest = raw_root / toy.NAME
     marker = _toy_marker(cfg)
     if datasets.read_marker(dest) == marker:
         return f"{dest}: up to date (data.toy unchanged)"
     with atomic_dir(dest) as tmp:
-        toy_dataset.generate(tmp, **dataclasses.asdict(cfg.data.toy))
+        toy.generate(tmp, **dataclasses.asdict(cfg.data.toy))
         datasets.write_marker(tmp, marker)
     counts = datasets.split_counts(dest)
     return f"{dest}: generated ({', '.join(f'{k} {v}' for k, v in counts.items())})"

@@ -35,7 +35,7 @@ from PIL import Image
 
 from .. import inception, paths, tracking
 from ..config import Config
-from ..data import PreparedDataset, dataset_name
+from ..prepared_data import PreparedDataset, dataset_name
 from ..errors import UserError
 from ..fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, translation_scores
 from ..fileio import write_json

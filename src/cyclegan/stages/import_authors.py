@@ -1,7 +1,7 @@
 """`cyclegan import-authors NAME_OR_PATH`: one of the authors' generators as our generator file.
 
 NAME is one of their 18 pretrained generators (downloaded, or taken from CYCLEGAN_PRETRAINED_URL),
-PATH any generator file their code saved; cyclegan.authors reads the architecture from it. The
+PATH any generator file their code saved; cyclegan.generator_authors reads the architecture from it. The
 file written (default models/init/<name>.safetensors) is what `cyclegan translate --generator`
 takes, and what train.init_from names to evaluate it through the pipeline or to train from it.
 Not a DVC stage: it needs no params.yaml.
@@ -10,22 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import authors, paths
+from .. import generator_authors, paths
 from ..config import Config
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", metavar="NAME_OR_PATH",
-                        help=f"an official name ({', '.join(authors.OFFICIAL)}) or a .pth file of the authors' code")
+                        help=f"an official name ({', '.join(generator_authors.OFFICIAL)}) or a .pth file of the authors' code")
     parser.add_argument("--direction", choices=("A2B", "B2A"), default="A2B",
                         help="what it translates in your dataset's terms: A2B (use as G_A, the default) or B2A "
                              "(G_B, e.g. zebra2horse for horse2zebra)")
     parser.add_argument("--output", type=Path,
-                        help=f"the file to write (default {paths.INIT}/<name>{authors.SUFFIX})")
+                        help=f"the file to write (default {paths.INIT}/<name>{generator_authors.SUFFIX})")
 
 
 def main(cfg: Config | None, args) -> None:
-    imported = authors.import_generator(args.source, args.direction, args.output)
+    imported = generator_authors.import_generator(args.source, args.direction, args.output)
     m = imported.converted.model
     role = "G_A" if args.direction == "A2B" else "G_B"
     print(f"cyclegan import-authors: {imported}\n"

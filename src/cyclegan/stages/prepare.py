@@ -1,4 +1,4 @@
-"""Stage `prepare`: data/raw/<name>/ -> data/prepared/<name>/ in the format of cyclegan.data.
+"""Stage `prepare`: data/raw/<name>/ -> data/prepared/<name>/ in the format of cyclegan.prepared_data.
 
 Every image is decoded with Pillow, turned upright (EXIF), converted to RGB (alpha over
 data.alpha_background, 16-bit and float scaled) and resized with BICUBIC to a square, as the
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .. import datasets, images
 from ..config import Config
-from ..data import MANIFEST, SPLITS, TARGET_SPLITS
+from ..prepared_data import MANIFEST, SPLITS, TARGET_SPLITS
 from ..errors import UserError
 from ..fileio import atomic_dir, atomic_path, write_json
 from ..paths import DATA_REPORT, DATASET_PREVIEW, PREPARED, RAW

@@ -30,12 +30,12 @@ import pandas as pd
 from .. import paths, tracking
 from ..comparison import Comparison, load_mlflow, plot_png, select
 from ..config import Config
-from ..data import PreparedDataset
+from ..prepared_data import PreparedDataset
 from ..device import exact_fp32, resolve_device
 from ..errors import UserError
 from ..figures import SAMPLE_ROWS, figure_png, png_bytes, pyplot, sample_grid
 from ..fileio import atomic_path, write_text
-from ..generators import load_generator
+from ..generator_file import load_generator
 
 REPORT = paths.REPORTS / "index.html"
 LOSS_PNG = paths.REPORTS / "loss_curves.png"

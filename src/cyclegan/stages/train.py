@@ -11,7 +11,7 @@ and wrappers, the loop over epochs (an epoch is max(|A|, |B|) samples, each A im
 B image), logging, checkpoints and outputs.
 
 Resuming is exact: a checkpoint holds every piece of state the remaining steps depend on, and
-the training samples are a pure function of (seed, epoch, position) (see cyclegan.data). On CPU a
+the training samples are a pure function of (seed, epoch, position) (see cyclegan.prepared_data). On CPU a
 run killed at any point and started again ends with the same losses and bit-identical weights
 as an uninterrupted one (tests/test_resume.py).
 
@@ -35,16 +35,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import checkpoint, init_from, mlflow_models, paths, sources, tracking
+from .. import checkpoint, code_closure, generator_init, generator_mlflow, paths, tracking
 from ..config import Config
-from ..data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
+from ..prepared_data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
 from ..device import exact_fp32
 from ..distributed import Distributed, join, leave
 from ..errors import UserError
 from ..fid_kid import fid_kid
 from ..figures import sample_grid
 from ..fileio import atomic_path, write_json
-from ..generators import save_generator, translate_array
+from ..generator_file import save_generator, translate_array
 from ..model import LOSS_TERMS, CycleGAN
 from ..runtime import build_model, configure_torch
 
@@ -191,10 +191,10 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
         total_steps = min(total_steps, t.max_steps)
 
     model = build_model(cfg, device, ddp)
-    initial = init_from.load(cfg)
+    initial = generator_init.load(cfg)
     for name, init in initial.items():  # every rank loads the same file: the ranks stay in step
         model.nets[name].load_state_dict(init.state_dict)
-    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), sources.sources_sha256("train"),
+    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), code_closure.sources_sha256("train"),
                                 {name: init.sha256 for name, init in initial.items()})
     run_dir = checkpoint.run_folder(paths.CHECKPOINTS, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
@@ -328,7 +328,7 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
             mlflow.log_artifact(str(paths.TRAIN_LOSSES))
             tracking.tag_generators(mlflow)
             # Each model's input example: the first test image of its source domain.
-            mlflow_models.log_generators(mlflow, cfg, {"A2B": np.array(data.array("testA")[:1]),
+            generator_mlflow.log_generators(mlflow, cfg, {"A2B": np.array(data.array("testA")[:1]),
                                                        "B2A": np.array(data.array("testB")[:1])}, progress.step)
             print(f"cyclegan train: {progress.step} steps, {images_seen} images in {elapsed:.0f} s this run "
                   f"({timing['images_per_s_this_run']:.2f} images/s)")

@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from .. import images, paths
 from ..config import Config
-from ..data import PreparedDataset, dataset_name
+from ..prepared_data import PreparedDataset, dataset_name
 from ..device import exact_fp32, resolve_device
 from ..errors import UserError
 from ..fileio import atomic_dir, write_json
-from ..generators import load_generator, translate_array
+from ..generator_file import load_generator, translate_array
 
 # In an --output folder: what was translated and what was skipped, and the sign that the folder
 # is one this command wrote (and may replace).

@@ -2,7 +2,7 @@
 
 A "models from code" file: MLflow runs this file to build the model, and the weights are the
 generator's safetensors file, logged as the artifact `generator`. Nothing is pickled, so loading a
-logged model runs this code and reads tensors, nothing else. `cyclegan.mlflow_models` logs it.
+logged model runs this code and reads tensors, nothing else. `cyclegan.generator_mlflow` logs it.
 
 The imports are absolute because MLflow runs the file as a module of its own, outside the
 package; a logged model carries the cyclegan files this one imports (its `code/` folder), so it
@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from cyclegan.config import size_multiple
 from cyclegan.device import exact_fp32, resolve_device
-from cyclegan.generators import open_generator, translate_array
+from cyclegan.generator_file import open_generator, translate_array
 
 ARTIFACT = "generator"
 
@@ -54,7 +54,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             return translate_array(self.net, images, self.batch_size, self.device)
 
 
-# Imported as cyclegan.generator_model (to find this file, or the class) it sets nothing; MLflow
+# Imported as cyclegan.generator_pyfunc (to find this file, or the class) it sets nothing; MLflow
 # runs it under a name of its own and reads the model this sets.
-if __name__ != "cyclegan.generator_model":
+if __name__ != "cyclegan.generator_pyfunc":
     mlflow.models.set_model(GeneratorModel())

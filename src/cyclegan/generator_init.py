@@ -17,7 +17,7 @@ import torch
 from .config import Config
 from .errors import UserError
 from .fileio import sha256_file
-from .generators import open_generator
+from .generator_file import open_generator
 
 # The fields of ModelConfig that decide a generator's layers.
 FIELDS = ("netG", "ngf", "norm", "use_dropout")

@@ -1,7 +1,7 @@
 """Where a dataset comes from, and getting it into data/raw/<name>/ safely.
 
 data.dataset is one of
-  toy_horse2zebra      generated offline (stages/download.py calls toy_dataset.generate)
+  toy_horse2zebra      generated offline (stages/download.py calls toy.generate)
   a registry name      the CycleGAN authors' zip: downloaded (resumable, retried), extracted with
                        zip-slip and zip-bomb checks, verified (sha256 list or official file counts)
   a folder path        checked for trainA/ trainB/ testA/ testB/ and copied (hard links when possible);
@@ -40,12 +40,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__, toy_dataset
-from .data import SPLITS, TARGET_SPLITS, dataset_name
-from .errors import UserError
-from .fileio import atomic_dir, sha256_file
-from .images import IMG_EXTENSIONS, entry_problem, is_image_name, list_entries, list_files, list_images
-from .paths import DATA_REPORT
+from .. import __version__
+from . import toy
+from ..prepared_data import SPLITS, TARGET_SPLITS, dataset_name
+from ..errors import UserError
+from ..fileio import atomic_dir, sha256_file
+from ..images import IMG_EXTENSIONS, entry_problem, is_image_name, list_entries, list_files, list_images
+from ..paths import DATA_REPORT
 
 BASE_URL = "https://efrosgans.eecs.berkeley.edu/cyclegan/datasets"
 URL_ENV = "CYCLEGAN_DATASETS_URL"
@@ -110,7 +111,7 @@ FOLDER_LAYOUT = "trainA/ trainB/ testA/ testB/"
 
 
 def known_names() -> list[str]:
-    return [toy_dataset.NAME, *REGISTRY]
+    return [toy.NAME, *REGISTRY]
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class Source:
 
 def resolve(dataset: str) -> Source:
     """Interpret data.dataset; unknown names and unusable paths are a UserError."""
-    if dataset == toy_dataset.NAME:
+    if dataset == toy.NAME:
         return Source("toy", dataset)
     if dataset in REFUSED:
         raise UserError(f"data.dataset: {REFUSED[dataset]}")

@@ -36,7 +36,7 @@ from . import paths
 from .config import ModelConfig
 from .datasets import http_download, mirror
 from .errors import UserError
-from .generators import save_generator
+from .generator_file import save_generator
 from .inception import cache_dir
 from .networks import build_generator
 

@@ -1,7 +1,7 @@
 """Both generators as MLflow models of the training run, and the optional registration.
 
 Each generator file (models/G_A.safetensors, G_B.safetensors) is logged as a pyfunc model named
-after it (`G_A`: A->B, `G_B`: B->A): the python model is cyclegan/generator_model.py (models from
+after it (`G_A`: A->B, `G_B`: B->A): the python model is cyclegan/generator_pyfunc.py (models from
 code, no pickle), the weights the safetensors file as is, a tensor signature (uint8 images in
 and out), an input example (a test image of the source domain), the architecture as the model's
 params and metadata, the cyclegan source files it runs, and pinned requirements. It loads with
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from . import paths, sources
+from . import code_closure, paths
 from .config import Config
-from .generators import read_generator
+from .generator_file import read_generator
 
 DIRECTIONS = {"G_A": "A2B", "G_B": "B2A"}
-# What the files of generator_model.py's import closure import; MLflow would otherwise infer the
+# What the files of generator_pyfunc.py's import closure import; MLflow would otherwise infer the
 # list by loading the model in a subprocess (seconds of imports per model).
 REQUIREMENTS = ("torch", "numpy", "safetensors", "pyyaml")
 
@@ -34,10 +34,10 @@ def requirements() -> list[str]:
 
 
 def bundle_code(dest: Path) -> Path:
-    """The cyclegan files generator_model.py runs, as a package folder under `dest`."""
-    package = dest / sources.PACKAGE
-    for path in sources.import_closure({f"{sources.PACKAGE}.generator_model"}):
-        target = package / path.relative_to(sources.SRC / sources.PACKAGE)
+    """The cyclegan files generator_pyfunc.py runs, as a package folder under `dest`."""
+    package = dest / code_closure.PACKAGE
+    for path in code_closure.import_closure({f"{code_closure.PACKAGE}.generator_pyfunc"}):
+        target = package / path.relative_to(code_closure.SRC / code_closure.PACKAGE)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     return package
@@ -56,7 +56,7 @@ def log_generators(mlflow, cfg: Config, examples: dict[str, np.ndarray], step: i
 
     `examples` holds an input example per direction ("A2B": testA images, "B2A": testB images).
     """
-    from . import generator_model  # for its file: MLflow runs it as the model's code
+    from . import generator_pyfunc  # for its file: MLflow runs it as the model's code
 
     logged = {}
     with tempfile.TemporaryDirectory(prefix="cyclegan-model-code-") as tmp:
@@ -67,8 +67,8 @@ def log_generators(mlflow, cfg: Config, examples: dict[str, np.ndarray], step: i
             register = cfg.tracking.register_as if name == "G_A" and cfg.tracking.register_as else None
             logged[name] = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=generator_model.__file__,
-                artifacts={generator_model.ARTIFACT: str(path)},
+                python_model=generator_pyfunc.__file__,
+                artifacts={generator_pyfunc.ARTIFACT: str(path)},
                 code_paths=[str(code)],
                 signature=signature(),
                 input_example=np.ascontiguousarray(examples[direction]),
