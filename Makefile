@@ -29,7 +29,8 @@ bench: install
 	$(PY) benchmarks/train_step.py
 
 # Mutation testing of the core (not part of `make test`; hours on 2 cores for all of it):
-# `make mutate MODULE=losses` for one module (losses, data, checkpoint, config, model), or
+# `make mutate MODULE=losses` for one module (losses, prepared_data, checkpoint, config, model,
+# training_state), or
 # `make mutate MUTANTS='cyclegan.model.x_lr_factor*'` for mutants by name (globs), then
 # `.venv/bin/mutmut show <name>` for a survivor. Config: [tool.mutmut] in pyproject.toml.
 mutate: install

@@ -75,7 +75,7 @@ def main() -> None:
         raise SystemExit(f"{args.source}: no horse2zebra there; pass --source")
 
     # Heavy imports stay inside main(): prepare's worker processes re-import this script.
-    from cyclegan import datasets
+    from cyclegan.datasets.folder import copy_images
 
     cores = len(os.sched_getaffinity(0))
     rows = []
@@ -83,7 +83,7 @@ def main() -> None:
         project = Path(tmp)
         (project / "params.yaml").write_text(
             "data:\n  dataset: horse2zebra\n  load_size: 286\n  crop_size: 256\n")
-        datasets.copy_images(args.source, project / "data" / "raw" / "horse2zebra")
+        copy_images(args.source, project / "data" / "raw" / "horse2zebra")
         for workers in (1, 0):
             elapsed, n = bench_prepare(project, workers)
             how = "1 process" if workers == 1 else f"auto processes ({cores} cores)"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cyclegan import datasets
+from cyclegan.datasets import archive as zip_safety
+from cyclegan.datasets import http, markers, registry
 from cyclegan.cli import main as cli_main
 from cyclegan.config import config_from_dict
 from cyclegan.prepared_data import SPLITS
@@ -78,16 +79,16 @@ def project(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "project"
     root.mkdir()
     monkeypatch.chdir(root)
-    monkeypatch.setenv(datasets.BACKOFF_ENV, "0.001")
-    monkeypatch.delenv(datasets.URL_ENV, raising=False)
+    monkeypatch.setenv(http.BACKOFF_ENV, "0.001")
+    monkeypatch.delenv(registry.URL_ENV, raising=False)
     return root
 
 
 @pytest.fixture
 def subset_registry(monkeypatch):
     """horse2zebra as served by these tests: the official sha256 list, the subset's counts."""
-    info = dataclasses.replace(datasets.REGISTRY["horse2zebra"], counts=SUBSET_COUNTS)
-    monkeypatch.setitem(datasets.REGISTRY, "horse2zebra", info)
+    info = dataclasses.replace(registry.REGISTRY["horse2zebra"], counts=SUBSET_COUNTS)
+    monkeypatch.setitem(registry.REGISTRY, "horse2zebra", info)
 
 
 def cfg(dataset: str, **data):
@@ -111,7 +112,7 @@ def assert_same_files(raw: Path, subset: Path) -> None:
 
 def serve_fetch(server: ScriptedServer, monkeypatch, data: bytes) -> None:
     server.files["datasets/horse2zebra.zip"] = data
-    monkeypatch.setenv(datasets.URL_ENV, server.url)
+    monkeypatch.setenv(registry.URL_ENV, server.url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_download_extracts_and_verifies(project, server, subset, subset_registry
     download.run(cfg("horse2zebra"))
     raw = project / "data/raw/horse2zebra"
     assert_same_files(raw, subset)
-    marker = datasets.read_marker(raw)
+    marker = markers.read_marker(raw)
     assert marker["verified"] == "sha256 of every file" and marker["counts"] == SUBSET_COUNTS
     # Nothing else is left in data/raw: no .part, no temp folder.
     assert sorted(os.listdir(project / "data/raw")) == ["horse2zebra"]
@@ -133,11 +134,11 @@ def test_download_extracts_and_verifies(project, server, subset, subset_registry
 
 
 def test_404_is_one_clear_error(project, server, subset_registry, monkeypatch):
-    monkeypatch.setenv(datasets.URL_ENV, server.url)
+    monkeypatch.setenv(registry.URL_ENV, server.url)
     with pytest.raises(UserError) as e:
         download.run(cfg("horse2zebra"))
     msg = str(e.value)
-    assert f"{server.url}/horse2zebra.zip" in msg and "404" in msg and datasets.URL_ENV in msg
+    assert f"{server.url}/horse2zebra.zip" in msg and "404" in msg and registry.URL_ENV in msg
     assert "\n" not in msg
     assert len(server.requests) == 1  # no retries on 404
     assert raw_listing() == {}
@@ -172,7 +173,7 @@ def test_server_ignoring_range_restarts_cleanly(project, server, subset, subset_
 
 def test_stalled_server_times_out_and_is_retried(project, server, subset, subset_registry, monkeypatch):
     serve_fetch(server, monkeypatch, zip_bytes(subset))
-    monkeypatch.setattr(datasets, "TIMEOUT_S", 0.2)
+    monkeypatch.setattr(http, "TIMEOUT_S", 0.2)
     server.script = ["stall"]
     download.run(cfg("horse2zebra"))
     assert [r["action"] for r in server.requests] == ["stall", "ok"]
@@ -182,7 +183,7 @@ def test_stalled_server_times_out_and_is_retried(project, server, subset, subset
 def test_interrupted_download_keeps_part_then_resumes(project, server, subset, subset_registry, monkeypatch):
     data = zip_bytes(subset)
     serve_fetch(server, monkeypatch, data)
-    monkeypatch.setattr(datasets, "RETRIES", 1)
+    monkeypatch.setattr(http, "RETRIES", 1)
     server.script = ["drop", "500"]
     with pytest.raises(UserError, match="cannot download"):
         download.run(cfg("horse2zebra"))
@@ -200,11 +201,11 @@ def test_unreachable_server_is_one_line(project, subset_registry, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/datasets"
-    monkeypatch.setenv(datasets.URL_ENV, url)
+    monkeypatch.setenv(registry.URL_ENV, url)
     with pytest.raises(UserError) as e:
         download.run(cfg("horse2zebra"))
     msg = str(e.value)
-    assert f"{url}/horse2zebra.zip" in msg and datasets.URL_ENV in msg and "\n" not in msg
+    assert f"{url}/horse2zebra.zip" in msg and registry.URL_ENV in msg and "\n" not in msg
     assert raw_listing() == {}
 
 
@@ -234,10 +235,10 @@ def test_incomplete_archive_fails_the_official_counts(project, server, subset, m
 def test_full_horse2zebra_verifies_against_the_official_list(project, monkeypatch):
     """The real check, on the real files: every sha256 and the official per-split counts."""
     need_shared()
-    monkeypatch.setenv(datasets.URL_ENV, str(SHARED.parent))  # a local folder holding horse2zebra/
+    monkeypatch.setenv(registry.URL_ENV, str(SHARED.parent))  # a local folder holding horse2zebra/
     download.run(cfg("horse2zebra"))
-    marker = datasets.read_marker(project / "data/raw/horse2zebra")
-    assert marker["counts"] == dict(datasets.REGISTRY["horse2zebra"].counts)
+    marker = markers.read_marker(project / "data/raw/horse2zebra")
+    assert marker["counts"] == dict(registry.REGISTRY["horse2zebra"].counts)
     assert marker["verified"] == "sha256 of every file"
 
 
@@ -276,7 +277,7 @@ def test_zip_slip_is_refused(project, server, subset, subset_registry, monkeypat
 
 
 def test_zip_bomb_is_refused_from_the_central_directory(project, server, subset_registry, monkeypatch):
-    monkeypatch.setattr(datasets, "MAX_ARCHIVE_BYTES", 1 << 20)
+    monkeypatch.setattr(zip_safety, "MAX_ARCHIVE_BYTES", 1 << 20)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for split in SPLITS:
@@ -305,15 +306,15 @@ def test_lying_sizes_are_caught_while_extracting(tmp_path, monkeypatch):
     dest = tmp_path / "out"
     dest.mkdir()
     with pytest.raises(UserError, match="lying.zip: (refused|corrupt)"):
-        datasets.safe_extract(archive, dest, label=str(archive))
+        zip_safety.safe_extract(archive, dest, label=str(archive))
 
 
 def test_too_many_files_is_refused(tmp_path, subset, monkeypatch):
     archive = tmp_path / "many.zip"
     archive.write_bytes(zip_bytes(subset))
-    monkeypatch.setattr(datasets, "MAX_ARCHIVE_FILES", 5)
+    monkeypatch.setattr(zip_safety, "MAX_ARCHIVE_FILES", 5)
     with pytest.raises(UserError, match="12 entries, more than the cap of 5"):
-        datasets.safe_extract(archive, tmp_path, label=str(archive))
+        zip_safety.safe_extract(archive, tmp_path, label=str(archive))
 
 
 def test_truncated_zip_is_refused_and_removed(project, server, subset, subset_registry, monkeypatch):
@@ -345,14 +346,14 @@ def test_local_zip_via_env(project, subset, subset_registry, monkeypatch, tmp_pa
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / "horse2zebra.zip").write_bytes(zip_bytes(subset, top=top))
-    monkeypatch.setenv(datasets.URL_ENV, mirror.as_uri() if as_url else str(mirror))
+    monkeypatch.setenv(registry.URL_ENV, mirror.as_uri() if as_url else str(mirror))
     download.run(cfg("horse2zebra"))
     assert_same_files(project / "data/raw/horse2zebra", subset)
     assert (mirror / "horse2zebra.zip").exists()  # a local archive is read, never moved
 
 
 def test_env_folder_without_the_dataset(project, tmp_path, monkeypatch):
-    monkeypatch.setenv(datasets.URL_ENV, str(tmp_path))
+    monkeypatch.setenv(registry.URL_ENV, str(tmp_path))
     with pytest.raises(UserError, match="holds neither apple2orange.zip nor apple2orange/"):
         download.run(cfg("apple2orange"))
 
@@ -366,7 +367,7 @@ def test_user_folder_is_validated_and_linked(project, subset, tmp_path):
     assert_same_files(raw, subset)  # notes.txt is not copied
     first = sorted(os.listdir(src / "trainA"))[0]
     assert os.path.samefile(raw / "trainA" / first, src / "trainA" / first)  # a hard link, same file system
-    assert datasets.read_marker(raw)["kind"] == "folder"
+    assert markers.read_marker(raw)["kind"] == "folder"
 
     shutil.rmtree(src / "testB")
     with pytest.raises(UserError, match=r"my_data has no testB/"):
@@ -384,7 +385,7 @@ def test_toy_dataset_is_generated_once_per_params(project):
     small = {"image_size": 16, "n_train_a": 3, "n_train_b": 2, "n_test": 2, "seed": 1}
     download.run(cfg("toy_horse2zebra", toy=small))
     raw = project / "data/raw/toy_horse2zebra"
-    assert datasets.split_counts(raw) == {"trainA": 3, "trainB": 2, "testA": 2, "testB": 2}
+    assert markers.split_counts(raw) == {"trainA": 3, "trainB": 2, "testA": 2, "testB": 2}
     assert len(os.listdir(raw / "testA_target")) == 2
     stamp = (raw / "trainA" / "00000.png").stat().st_mtime_ns
     download.run(cfg("toy_horse2zebra", toy=small))

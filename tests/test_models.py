@@ -12,6 +12,7 @@ from torch import nn
 from cyclegan.config import ConfigError, ModelConfig, config_from_dict
 from cyclegan.losses import GANLoss, ImagePool, gradient_penalty
 from cyclegan.model import CycleGAN, lr_factor
+from cyclegan.training_state import load_shared_state, shared_state
 from cyclegan.networks import (DeterministicReflectionPad2d, build_discriminator, build_generator, build_networks,
                                use_deterministic_padding)
 
@@ -222,7 +223,7 @@ def test_a_run_resumed_at_the_end_of_its_first_epoch_steps_the_lr_without_a_warn
     cfg = config_from_dict({"model": {"netG": "resnet_6blocks", "ngf": 4, "ndf": 4},
                             "train": {"n_epochs": 1, "n_epochs_decay": 1, "lr": 0.001}})
     resumed = CycleGAN(cfg, torch.device("cpu"))
-    resumed.load_state_dict(CycleGAN(cfg, torch.device("cpu")).state_dict())
+    load_shared_state(resumed, shared_state(CycleGAN(cfg, torch.device("cpu"))))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed.step_lr()

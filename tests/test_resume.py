@@ -23,6 +23,7 @@ from cyclegan.config import config_from_dict
 from cyclegan.prepared_data import MANIFEST
 from cyclegan.errors import UserError
 from cyclegan.model import CycleGAN
+from cyclegan.training_state import load_shared_state, shared_state
 from helpers import (TRAIN_PARAMS, enter_project, generator_weights, make_project, merge, mlflow_client,
                      project_env, read_losses, run_checkpoints, run_dir, run_id, run_ids, run_train, set_params)
 
@@ -297,7 +298,7 @@ def test_a_checkpoint_resumes_in_another_memory_layout(saved, resumed):
     real = [torch.rand(1, 3, 28, 28, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(4)]
     writer.train_step(real[0].contiguous(memory_format=saved), real[1].contiguous(memory_format=saved))
     buffer = io.BytesIO()
-    torch.save(writer.state_dict(), buffer)
+    torch.save(shared_state(writer), buffer)
 
     def resume(to_layout: bool) -> CycleGAN:
         buffer.seek(0)
@@ -305,7 +306,7 @@ def test_a_checkpoint_resumes_in_another_memory_layout(saved, resumed):
         if to_layout:
             state = _to_layout(state, resumed)
         model = CycleGAN(cfg, cpu, memory_format=resumed)
-        model.load_state_dict(state)
+        load_shared_state(model, state)
         model.train_step(real[2].contiguous(memory_format=resumed), real[3].contiguous(memory_format=resumed))
         return model
 

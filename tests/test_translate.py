@@ -83,6 +83,27 @@ def test_full_resolution_keeps_each_size_rounded_to_multiples_of_4(generators_an
     assert sizes == [(44, 32)] * 5
 
 
+def test_a_unet_256_translates_a_300x200_image_at_full_resolution(generators_and_test_sets, tmp_path):
+    """The sides are rounded to what the generator file's architecture needs (256 for unet_256, whose
+    skip connections match only then), not to the ResNet's 4 nor to the params' netG."""
+    cfg, _ = generators_and_test_sets(eval={"full_resolution": True})  # params: resnet_6blocks
+    unet = config_from_dict({**SMALL, "model": {"netG": "unet_256", "ngf": 4},
+                             "data": {"load_size": 256, "crop_size": 256}}).model
+    torch.manual_seed(0)
+    save_generator(build_generator(unet), unet, "A2B", tmp_path / "unet.safetensors")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(photos / "wide.png")
+    args = Namespace(input=photos, generator=tmp_path / "unet.safetensors", output=tmp_path / "out")
+    translate.main(cfg, args)
+    out = np.asarray(Image.open(tmp_path / "out" / "wide.png"))
+    assert out.shape == (256, 256, 3)  # 300 and 200 both round to 256
+    net = load_generator(tmp_path / "unet.safetensors", torch.device("cpu"))
+    resized = np.asarray(Image.fromarray(photo).resize((256, 256), Image.BICUBIC))[None]
+    np.testing.assert_array_equal(out, translate_array(net, resized, 1, torch.device("cpu"))[0])
+
+
 def test_a_users_folder_with_a_chosen_generator(generators_and_test_sets, tmp_path):
     cfg, _ = generators_and_test_sets(data={**SMALL["data"], "alpha_background": [0, 128, 255]})  # not the default white
     photos = tmp_path / "photos"

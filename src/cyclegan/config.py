@@ -122,7 +122,8 @@ class EvalConfig:
     # "auto": torch-fidelity's own weights when cached or reachable, else converted offline ones;
     # or a path to torch-fidelity's weights-inception-2015-12-05 .pth file.
     inception_weights: str = "auto"
-    # Translate at the full resolution of each test image (sides rounded to multiples of 4).
+    # Translate at the full resolution of each test image (sides rounded to the multiple the
+    # generator needs: 4 for the ResNets, 128 or 256 for the U-Nets; networks.GENERATORS).
     full_resolution: bool = False
     # Number of fixed test images in the sample grids (logged every epoch by train, and in the
     # report); 0: no grids.
@@ -162,7 +163,6 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_image": ("skip", "fail"),
-    "model.netG": ("resnet_9blocks", "resnet_6blocks", "unet_256", "unet_128"),
     "model.netD": ("basic", "n_layers", "pixel"),
     "model.norm": ("instance", "batch", "none"),
     "model.init_type": ("normal", "xavier", "kaiming", "orthogonal"),
@@ -235,8 +235,12 @@ def _check(cfg: Config) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{PARAMS_FILE}: '{key}' {msg}")
 
+    # Imported here, not at the top: the networks import torch, which a process that only reads
+    # the params (prepare's decoding workers import the CLI) does not need.
+    from .networks import GENERATORS, size_multiple
+
     flat = flatten(cfg.to_dict())
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**CHOICES, "model.netG": tuple(GENERATORS)}.items():
         if flat[key] not in allowed:
             fail(key, f"is {flat[key]!r}; choose one of: {', '.join(allowed)}")
     for key in ("lambda_cycle", "lambda_identity", "train.lambda_gp", "train.lr", "model.init_gain"):
@@ -290,14 +294,6 @@ def _check(cfg: Config) -> None:
     if name and (not name.strip() or "/" in name or ":" in name):
         fail("tracking.register_as", f"is {name!r}: an MLflow model name has no '/' or ':' and is not blank; "
                                      f"choose another, or \"\" to register nothing")
-
-
-def size_multiple(netG: str) -> int:
-    """What an image side must be a multiple of for generator `netG` to return its own size.
-
-    The ResNet generator downsamples twice and the U-Nets 7 or 8 times.
-    """
-    return {"unet_256": 256, "unet_128": 128}.get(netG, 4)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ from . import inception
 from .config import Config, EvalConfig
 from .device import exact_fp32, resolve_device
 from .errors import UserError
+from .vocabulary import A2B, B2A, BASELINE, FID, KID, KID_STD, metric
 
 KID_MAX_SUBSET = 1000
 KID_SUBSETS = 100
@@ -191,12 +192,12 @@ def translation_scores(scorer: InceptionScorer, fake_A2B: np.ndarray, fake_B2A: 
     """FID, KID and KID std of A2B (against real B), B2A (against real A) and the baseline of doing
     nothing (real A against real B), as fid_<name>, kid_<name>, kid_std_<name>; and the KID subset
     size of each, fixed before any extraction."""
-    pairs = {"A2B": ("A2B", "B"), "B2A": ("B2A", "A"), "baseline": ("A", "B")}
+    pairs = {A2B.name: (A2B.name, "B"), B2A.name: (B2A.name, "A"), BASELINE: ("A", "B")}
     images = {"A2B": fake_A2B, "B2A": fake_B2A, "A": real_A, "B": real_B}
     subsets = {name: kid_subset_size(len(images[x]), len(images[y])) for name, (x, y) in pairs.items()}
     feats = {k: scorer.features(v, cache=cache_reals and k in ("A", "B")) for k, v in images.items()}
     metrics: dict[str, float] = {}
     for name, (x, y) in pairs.items():
         scores = fid_kid_from_features(feats[x], feats[y], subsets[name])
-        metrics.update({f"fid_{name}": scores["fid"], f"kid_{name}": scores["kid"], f"kid_std_{name}": scores["kid_std"]})
+        metrics.update({metric(kind, name): scores[kind] for kind in (FID, KID, KID_STD)})
     return metrics, subsets

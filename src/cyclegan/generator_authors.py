@@ -34,7 +34,7 @@ from torch import nn
 
 from . import paths
 from .config import ModelConfig
-from .datasets import http_download, mirror
+from .datasets.http import http_download, mirror
 from .errors import UserError
 from .generator_file import save_generator
 from .inception import cache_dir

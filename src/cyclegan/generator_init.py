@@ -18,10 +18,10 @@ from .config import Config
 from .errors import UserError
 from .fileio import sha256_file
 from .generator_file import open_generator
+from .vocabulary import DIRECTIONS, direction_named, direction_of
 
 # The fields of ModelConfig that decide a generator's layers.
 FIELDS = ("netG", "ngf", "norm", "use_dropout")
-DIRECTION = {"G_A": "A2B", "G_B": "B2A"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def _yaml(value: Any) -> str:
 def load(cfg: Config) -> dict[str, InitGenerator]:
     """{"G_A": ..., "G_B": ...} for the generators train.init_from names, checked against `model`."""
     out = {}
-    for name in ("G_A", "G_B"):
+    for name in (d.generator for d in DIRECTIONS):
         path = getattr(cfg.train.init_from, name)
         if not path:
             continue
@@ -48,10 +48,11 @@ def load(cfg: Config) -> dict[str, InitGenerator]:
                             f"--output {path}`, or set {key}: \"\" to start {name} from random weights")
         digest = sha256_file(path)
         model, direction, net = open_generator(path, torch.device("cpu"))
-        if direction != DIRECTION[name]:
-            raise UserError(f"{key}: {path} is a {direction} generator and {name} translates {DIRECTION[name]}; "
-                            f"name it under train.init_from.{'G_A' if direction == 'A2B' else 'G_B'}, or import "
-                            f"it again with `cyclegan import-authors ... --direction {DIRECTION[name]}`")
+        expected = direction_of(name).name
+        if direction != expected:
+            raise UserError(f"{key}: {path} is a {direction} generator and {name} translates {expected}; "
+                            f"name it under train.init_from.{direction_named(direction).generator}, or import "
+                            f"it again with `cyclegan import-authors ... --direction {expected}`")
         found = {f: getattr(model, f) for f in FIELDS}
         differ = [f for f in FIELDS if found[f] != getattr(cfg.model, f)]
         if found["netG"].startswith("unet") and "use_dropout" in differ:

@@ -22,8 +22,8 @@ import numpy as np
 from . import code_closure, paths
 from .config import Config
 from .generator_file import read_generator
+from .vocabulary import A2B, DIRECTIONS
 
-DIRECTIONS = {"G_A": "A2B", "G_B": "B2A"}
 # What the files of generator_pyfunc.py's import closure import; MLflow would otherwise infer the
 # list by loading the model in a subprocess (seconds of imports per model).
 REQUIREMENTS = ("torch", "numpy", "safetensors", "pyyaml")
@@ -61,10 +61,11 @@ def log_generators(mlflow, cfg: Config, examples: dict[str, np.ndarray], step: i
     logged = {}
     with tempfile.TemporaryDirectory(prefix="cyclegan-model-code-") as tmp:
         code = bundle_code(Path(tmp))
-        for name, direction in DIRECTIONS.items():
+        for d in DIRECTIONS:
+            name, direction = d.generator, d.name
             path = paths.GENERATORS[name]
             architecture, file_direction, _ = read_generator(path, weights=False)
-            register = cfg.tracking.register_as if name == "G_A" and cfg.tracking.register_as else None
+            register = cfg.tracking.register_as if d is A2B and cfg.tracking.register_as else None
             logged[name] = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=generator_pyfunc.__file__,

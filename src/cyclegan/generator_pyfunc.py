@@ -19,9 +19,9 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from cyclegan.config import size_multiple
 from cyclegan.device import exact_fp32, resolve_device
 from cyclegan.generator_file import open_generator, translate_array
+from cyclegan.networks import size_multiple
 
 ARTIFACT = "generator"
 

@@ -18,13 +18,14 @@ over n_epochs_decay (`lr_factor`), stepped once per epoch by the caller.
 
 Only the algorithm lives here. The driver (cyclegan.stages.train) decides the device, the
 precision and the memory layout, and may wrap the networks the step calls (DDP, torch.compile)
-with `wrap`; `nets` always holds the plain modules, which is what checkpoints store.
+with `wrap`; `nets` always holds the plain modules, which is what checkpoints store. Saving and
+restoring a model's state for a resumed run is cyclegan.training_state.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 from . import checkpoint
 from .config import Config
 from .losses import GANLoss, ImagePool, gradient_penalty
-from .networks import build_networks
+from .networks import architecture, build_networks
 
 LOSS_TERMS = ("D_A", "G_A", "cycle_A", "idt_A", "D_B", "G_B", "cycle_B", "idt_B")
 
@@ -84,10 +85,12 @@ class CycleGAN:
         # batch: the translation G_A(real_A) with the identity G_A(real_B), G_B(real_B) with
         # G_B(real_A) and the reconstruction G_B(fake_B), and D(real) with D(fake) in the D phase:
         # 3 generator and 2 discriminator calls per step instead of 6 and 4, a step ~15% faster
-        # on CPU (benchmarks/train_step.py --separate-calls). Not with BatchNorm, whose statistics
+        # on CPU (benchmarks/train_step.py --separate-calls). Not for an architecture that mixes
+        # its batch (networks.Architecture.per_sample), nor with BatchNorm, whose statistics
         # would mix the inputs, nor (for G) with dropout, whose masks would be drawn in another
         # order. The result equals separate calls up to float rounding (tests/test_train.py).
-        self.batch_generators = m.norm != "batch" and not m.use_dropout and cfg.identity_weight > 0
+        self.batch_generators = (architecture(m.netG).per_sample and m.norm != "batch" and not m.use_dropout
+                                 and cfg.identity_weight > 0)
         self.batch_discriminators = m.norm != "batch"
 
     def wrap(self, wrapper: Callable[[nn.Module, bool], nn.Module]) -> None:
@@ -211,47 +214,3 @@ class CycleGAN:
             for net in self.nets.values():
                 net.train()
             checkpoint.set_rng_state(rng)
-
-    def state_dict(self) -> dict[str, Any]:
-        """What all processes share: the networks, optimizers and schedulers."""
-        return {
-            "nets": {k: v.state_dict() for k, v in self.nets.items()},
-            "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-            "sched_G": self.sched_G.state_dict(), "sched_D": self.sched_D.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, net in self.nets.items():
-            net.load_state_dict(state["nets"][k])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
-        for opt in (self.opt_G, self.opt_D):
-            _give_states_their_parameters_layout(opt)
-        self.sched_G.load_state_dict(state["sched_G"])
-        self.sched_D.load_state_dict(state["sched_D"])
-
-    def rank_state(self) -> dict[str, Any]:
-        """What each process has of its own: its image pools and RNG states."""
-        return {"pool_A": self.pool_A.state_dict(), "pool_B": self.pool_B.state_dict(),
-                "rng": checkpoint.rng_state()}
-
-    def load_rank_state(self, state: dict[str, Any]) -> None:
-        for pool, key in ((self.pool_A, "pool_A"), (self.pool_B, "pool_B")):
-            pool.load_state_dict(state[key], self.device)
-            pool.images = [img.contiguous(memory_format=self.memory_format) for img in pool.images]
-        checkpoint.set_rng_state(state["rng"])
-
-
-def _give_states_their_parameters_layout(opt: torch.optim.Optimizer) -> None:
-    """Adam's moments in the memory layout of their parameter.
-
-    load_state_dict keeps the saved strides: moments saved channels_last (as on CUDA) and loaded
-    for contiguous weights (as on CPU), or the reverse, make the fused kernel pair up the wrong
-    elements (CPU, silently) or refuse the layout (CUDA).
-    """
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

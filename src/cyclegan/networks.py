@@ -8,11 +8,15 @@ statistics; with BatchNorm the convolutions drop their bias, since BN has its ow
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+if TYPE_CHECKING:  # config imports this module for the names of the generators
+    from .config import ModelConfig
 
 
 def norm_layer(kind: str):
@@ -170,17 +174,52 @@ def init_weights(net: nn.Module, init_type: str, gain: float, generator: torch.G
     net.apply(init)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """A generator architecture: how to build it from the model params, and which image sides it
+    returns at their own size."""
+
+    build: Callable[[ModelConfig], nn.Module]
+    # Every image side must be a multiple of this (2 ** the number of stride-2 downsamplings).
+    size_multiple: int
+    # Whether its output for one image is independent of the other images of its batch (given a
+    # per-sample norm and no dropout): then the model may batch several calls into one.
+    per_sample: bool = True
+
+
+def _resnet(n_blocks: int) -> Architecture:
+    return Architecture(lambda m: ResnetGenerator(ngf=m.ngf, n_blocks=n_blocks, norm=m.norm,
+                                                  use_dropout=m.use_dropout), size_multiple=4)
+
+
+def _unet(num_downs: int) -> Architecture:
+    return Architecture(lambda m: UnetGenerator(num_downs=num_downs, ngf=m.ngf, norm=m.norm,
+                                                use_dropout=m.use_dropout), size_multiple=2 ** num_downs)
+
+
+# model.netG: the one list of generators; config's choices and the image-size rule come from it.
+GENERATORS: dict[str, Architecture] = {
+    "resnet_9blocks": _resnet(9),
+    "resnet_6blocks": _resnet(6),
+    "unet_256": _unet(8),
+    "unet_128": _unet(7),
+}
+
+
+def architecture(netG: str) -> Architecture:
+    try:
+        return GENERATORS[netG]
+    except KeyError:
+        raise ValueError(f"unknown netG {netG!r}; known: {', '.join(GENERATORS)}") from None
+
+
+def size_multiple(netG: str) -> int:
+    """What an image side must be a multiple of for generator `netG` to return its own size."""
+    return architecture(netG).size_multiple
+
+
 def build_generator(cfg: ModelConfig) -> nn.Module:
-    kind = cfg.netG
-    if kind.startswith("resnet_"):
-        n_blocks = int(kind.removeprefix("resnet_").removesuffix("blocks"))
-        net = ResnetGenerator(ngf=cfg.ngf, n_blocks=n_blocks, norm=cfg.norm, use_dropout=cfg.use_dropout)
-    elif kind in ("unet_128", "unet_256"):
-        net = UnetGenerator(num_downs=7 if kind == "unet_128" else 8, ngf=cfg.ngf, norm=cfg.norm,
-                            use_dropout=cfg.use_dropout)
-    else:
-        raise ValueError(f"unknown netG {kind!r}")
-    return net
+    return architecture(cfg.netG).build(cfg)
 
 
 def build_discriminator(cfg: ModelConfig) -> nn.Module:

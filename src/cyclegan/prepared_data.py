@@ -21,17 +21,12 @@ import torch
 from torch.utils.data import Dataset
 
 from . import paths
+from .datasets.sources import folder_name
 from .errors import UserError
 
 SPLITS = ("trainA", "trainB", "testA", "testB")
 TARGET_SPLITS = ("testA_target", "testB_target")
 MANIFEST = "manifest.json"
-
-
-def dataset_name(dataset: str) -> str:
-    """`horse2zebra` -> horse2zebra; `/path/to/my_folders/` -> my_folders."""
-    # "." and ".." give no usable name; datasets.resolve refuses them before any stage runs.
-    return Path(dataset).name
 
 
 @dataclass
@@ -55,7 +50,7 @@ class PreparedDataset:
     @classmethod
     def of(cls, dataset: str, splits: tuple[str, ...] = ()) -> "PreparedDataset":
         """The prepared data of data.dataset `dataset`, in data/prepared/<name>."""
-        return cls.open(paths.PREPARED / dataset_name(dataset), splits)
+        return cls.open(paths.PREPARED / folder_name(dataset), splits)
 
     def array(self, split: str) -> np.ndarray:
         return np.load(self.root / f"{split}.npy", mmap_mode="r")

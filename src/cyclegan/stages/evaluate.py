@@ -35,16 +35,14 @@ from PIL import Image
 
 from .. import inception, paths, tracking
 from ..config import Config
-from ..prepared_data import PreparedDataset, dataset_name
+from ..datasets.sources import folder_name
+from ..prepared_data import PreparedDataset
 from ..errors import UserError
 from ..fid_kid import KID_RNG_SEED, KID_SUBSETS, InceptionScorer, translation_scores
 from ..fileio import write_json
+from ..vocabulary import A2B, B2A, BASELINE, DIRECTIONS, FID, HEADLINE, KID, TEST_SPLITS, ground_truth, metric
 
 PSNR_MSE_FLOOR = 1e-10
-DIRECTIONS = {"A2B": ("testA", "testB"), "B2A": ("testB", "testA")}  # direction: (input, reference)
-# The keys of metrics/eval.json, where the evaluation has them.
-HEADLINE = (*(f"{m}_{d}" for m in ("fid", "kid") for d in ("A2B", "B2A", "baseline")),
-            "gt_l1_A2B", "gt_l1_B2A", "gt_l1_identity", "gt_l1_identity_B2A")
 
 
 def load_translations(folder: Path, names: list[str], size: tuple[int, int]) -> tuple[np.ndarray, int]:
@@ -95,28 +93,25 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
     """Compute every metric, write metrics/eval.json and eval_details.json, and return the details."""
     import torch_fidelity
 
-    data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
-    real = {split: np.asarray(data.array(split)) for split in ("testA", "testB")}
-    size = real["testA"].shape[1:3]
+    data = PreparedDataset.of(cfg.data.dataset, TEST_SPLITS)
+    real = {split: np.asarray(data.array(split)) for split in TEST_SPLITS}
+    size = real[A2B.source].shape[1:3]
     fakes, resized = {}, {}
-    for direction, (source, _) in DIRECTIONS.items():
-        fakes[direction], resized[direction] = load_translations(
-            paths.TRANSLATED / direction, data.names(source), size)
+    for d in DIRECTIONS:
+        fakes[d.name], resized[d.name] = load_translations(paths.TRANSLATED / d.name, data.names(d.source), size)
 
     scorer = scorer or InceptionScorer.from_config(cfg.eval)
     metrics: dict[str, Any]
-    metrics, subsets = translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["testA"], real["testB"])
+    metrics, subsets = translation_scores(scorer, fakes[A2B.name], fakes[B2A.name], real[A2B.source], real[B2A.source])
 
-    has_truth = data.has("testA_target") and data.has("testB_target")
+    has_truth = all(data.has(d.target_ground_truth) for d in DIRECTIONS)
     if has_truth:
-        for direction, (source, _) in DIRECTIONS.items():
-            errs = ground_truth_errors(real[source], fakes[direction],
-                                       np.asarray(data.array(f"{source}_target")))
-            identity_suffix = "" if direction == "A2B" else "_B2A"
+        for d in DIRECTIONS:
+            errs = ground_truth_errors(real[d.source], fakes[d.name], np.asarray(data.array(d.target_ground_truth)))
             for key, value in errs["translation"].items():
-                metrics[f"gt_{key}_{direction}"] = value
+                metrics[ground_truth(key, d)] = value
             for key, value in errs["identity"].items():
-                metrics[f"gt_{key}_identity{identity_suffix}"] = value
+                metrics[ground_truth(key, d, identity=True)] = value
 
     protocol = {
         "implementation": f"torch-fidelity {torch_fidelity.__version__}",
@@ -124,12 +119,11 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
         "feature_layer": inception.POOL_LAYER,
         "fid_trace_term": "nuclear norm of the centred feature cross-product (exact)",
         "weights": scorer.weights.describe(),
-        "dataset": dataset_name(cfg.data.dataset),
-        "reference": {"A2B": "testB", "B2A": "testA", "baseline": "testA vs testB"},
+        "dataset": folder_name(cfg.data.dataset),
+        "reference": {**{d.name: d.target for d in DIRECTIONS}, BASELINE: f"{A2B.source} vs {A2B.target}"},
         "image_size": list(size),
         "inception_input": "torch-fidelity's TF1-compatible bilinear resize to 299x299",
-        "counts": {"testA": len(real["testA"]), "testB": len(real["testB"]),
-                   "A2B": len(fakes["A2B"]), "B2A": len(fakes["B2A"])},
+        "counts": {**{split: len(real[split]) for split in TEST_SPLITS}, **{d.name: len(fakes[d.name]) for d in DIRECTIONS}},
         "translations_resized": resized,
         "kid_subset_size": subsets,
         "kid_subsets": KID_SUBSETS,
@@ -159,9 +153,11 @@ def log_to_mlflow(cfg: Config, result: dict[str, Any]) -> None:
 def main(cfg: Config, args=None) -> None:
     result = evaluate(cfg)
     log_to_mlflow(cfg, result)
-    summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid_A2B", "fid_B2A", "fid_baseline", "kid_A2B", "kid_B2A"))
-    if "gt_l1_A2B" in result:
-        summary += f", gt_l1_A2B {result['gt_l1_A2B']:.4f} (identity {result['gt_l1_identity']:.4f})"
+    shown = (*(metric(FID, s) for s in (A2B.name, B2A.name, BASELINE)), *(metric(KID, d.name) for d in DIRECTIONS))
+    summary = ", ".join(f"{k} {result[k]:.4g}" for k in shown)
+    gt, gt_identity = ground_truth("l1", A2B), ground_truth("l1", A2B, identity=True)
+    if gt in result:
+        summary += f", {gt} {result[gt]:.4f} (identity {result[gt_identity]:.4f})"
     weights = result["protocol"]["weights"]
     print(f"cyclegan evaluate: {summary}; Inception weights {weights['kind']}:{weights['sha256'][:12]} "
           f"-> {paths.EVAL_METRICS}", file=sys.stderr)

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from .. import generator_authors, paths
 from ..config import Config
+from ..vocabulary import A2B, DIRECTIONS, direction_named
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", metavar="NAME_OR_PATH",
                         help=f"an official name ({', '.join(generator_authors.OFFICIAL)}) or a .pth file of the authors' code")
-    parser.add_argument("--direction", choices=("A2B", "B2A"), default="A2B",
+    parser.add_argument("--direction", choices=tuple(d.name for d in DIRECTIONS), default=A2B.name,
                         help="what it translates in your dataset's terms: A2B (use as G_A, the default) or B2A "
                              "(G_B, e.g. zebra2horse for horse2zebra)")
     parser.add_argument("--output", type=Path,
@@ -27,7 +28,7 @@ def add_arguments(parser) -> None:
 def main(cfg: Config | None, args) -> None:
     imported = generator_authors.import_generator(args.source, args.direction, args.output)
     m = imported.converted.model
-    role = "G_A" if args.direction == "A2B" else "G_B"
+    role = direction_named(args.direction).generator
     print(f"cyclegan import-authors: {imported}\n"
           f"  translate your images: cyclegan translate --input FOLDER --generator {imported.output}\n"
           f"  score it through the pipeline: in params.yaml set model.netG: {m.netG}, model.ngf: {m.ngf}, "

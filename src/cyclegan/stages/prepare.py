@@ -28,7 +28,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .. import datasets, images
+from .. import images
+from ..datasets.markers import read_marker
+from ..datasets.sources import FOLDER_LAYOUT, folder_name
 from ..config import Config
 from ..prepared_data import MANIFEST, SPLITS, TARGET_SPLITS
 from ..errors import UserError
@@ -70,7 +72,7 @@ def _plan(cfg: Config, raw: Path) -> tuple[dict[str, Split], list[str]]:
     for name in SPLITS:
         folder = raw / name
         if not folder.is_dir():
-            raise UserError(f"{folder}: missing; data/raw/<name> must hold {datasets.FOLDER_LAYOUT}; "
+            raise UserError(f"{folder}: missing; data/raw/<name> must hold {FOLDER_LAYOUT}; "
                             f"run `cyclegan download` again")
         files, others = images.list_images(folder)
         ignored += [f"{name}/{o}" for o in others]
@@ -194,7 +196,7 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         report_path: Path = DATA_REPORT, preview_path: Path = DATASET_PREVIEW, workers: int = 0) -> dict:
     """Prepare data.dataset; returns the data report (also written to report_path)."""
     started = time.perf_counter()
-    name = datasets.resolve(cfg.data.dataset).name
+    name = folder_name(cfg.data.dataset)
     raw = raw_root / name
     splits, ignored = _plan(cfg, raw)
     policy = cfg.data.on_bad_image
@@ -203,7 +205,7 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         raise _bad(*missing)
     # Entries of a user's folder that `download` left out of data/raw (links to nothing, FIFOs, ...):
     # reported with the bad images, and as fatal.
-    marker = datasets.read_marker(raw) or {}
+    marker = read_marker(raw) or {}
     left_out = marker.get("skipped", [])
     if policy == "fail" and left_out:
         raise UserError(f"{Path(marker.get('source', raw)) / left_out[0]['file']}: {left_out[0]['reason']}; "

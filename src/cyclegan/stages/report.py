@@ -36,14 +36,15 @@ from ..errors import UserError
 from ..figures import SAMPLE_ROWS, figure_png, png_bytes, pyplot, sample_grid
 from ..fileio import atomic_path, write_text
 from ..generator_file import load_generator
+from ..vocabulary import DIRECTIONS, FID, KID, KID_STD, PER_EPOCH, SCORED, TEST_SPLITS, direction_named, during_training, metric
 
 REPORT = paths.REPORTS / "index.html"
 LOSS_PNG = paths.REPORTS / "loss_curves.png"
 EPOCH_PNG = paths.REPORTS / "fid_kid_per_epoch.png"
-SAMPLE_PNG = {"A2B": paths.REPORTS / "samples_A2B.png", "B2A": paths.REPORTS / "samples_B2A.png"}
+SAMPLE_PNG = {d.name: paths.REPORTS / f"samples_{d.name}.png" for d in DIRECTIONS}
 ARTIFACT_DIR = "report"
 # What train scores every train.eval_every epochs (metrics/train_eval.csv; in MLflow with step = epoch).
-EPOCH_METRICS = ("train_fid_A2B", "train_fid_B2A", "train_kid_A2B", "train_kid_B2A")
+EPOCH_METRICS = tuple(during_training(name) for name in PER_EPOCH)
 # Loss terms by what they measure; the CSV names them loss_<term>.
 LOSS_PANELS = {"adversarial": ("G_A", "G_B", "D_A", "D_B"),
                "reconstruction": ("cycle_A", "cycle_B", "idt_A", "idt_B")}
@@ -89,7 +90,7 @@ def epoch_metrics_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, kind in zip(axes, ("fid", "kid")):
+    for ax, kind in zip(axes, (FID, KID)):
         for name, points in history.items():
             if name.startswith(f"train_{kind}_"):
                 epochs, values = zip(*points)
@@ -124,7 +125,7 @@ class Inputs:
 
 def read_local_inputs(cfg: Config) -> Inputs:
     """The files of the pipeline's stages, and the sample grids computed from the generators."""
-    data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
+    data = PreparedDataset.of(cfg.data.dataset, TEST_SPLITS)
     generators = paths.GENERATORS
     _require({generators["G_A"]: "train", generators["G_B"]: "train", paths.TRAIN_METRICS: "train",
               paths.TRAIN_LOSSES: "train", paths.TRAIN_EVAL: "train", paths.EVAL_DETAILS: "evaluate"})
@@ -136,22 +137,21 @@ def read_local_inputs(cfg: Config) -> Inputs:
         raise UserError(f"{paths.TRAIN_LOSSES}: no step/epoch/lr columns; run `dvc repro train` again")
     try:
         per_epoch = pd.read_csv(paths.TRAIN_EVAL)
-        epoch_history = {f"train_{k}": [(int(e), float(v)) for e, v in zip(per_epoch["epoch"], per_epoch[k])]
+        epoch_history = {during_training(k): [(int(e), float(v)) for e, v in zip(per_epoch["epoch"], per_epoch[k])]
                          for k in per_epoch.columns if k != "epoch" and len(per_epoch)}
     except (ValueError, KeyError, pd.errors.EmptyDataError):
         raise UserError(f"{paths.TRAIN_EVAL}: not a per-epoch FID/KID table; run `dvc repro train` again") from None
 
     device = resolve_device(cfg.eval.device, "eval.device")
-    G_A = load_generator(generators["G_A"], device)
-    G_B = load_generator(generators["G_B"], device)
+    nets = {d.generator: load_generator(generators[d.generator], device) for d in DIRECTIONS}
     n = cfg.eval.n_samples
     samples = {}
     if n:
-        for direction, split, forward, backward in (("A2B", "testA", G_A, G_B), ("B2A", "testB", G_B, G_A)):
-            images = np.array(data.array(split)[:n])
+        for d in DIRECTIONS:
+            images = np.array(data.array(d.source)[:n])
             if len(images):
                 with exact_fp32():  # as translate computes them
-                    samples[direction] = png_bytes(sample_grid(images, forward, backward, device))
+                    samples[d.name] = png_bytes(sample_grid(images, nets[d.generator], nets[d.back], device))
 
     inputs = Inputs(cfg=cfg, train=_read_json(paths.TRAIN_METRICS, "train"),
                     evaluation=_read_json(paths.EVAL_DETAILS, "evaluate"),
@@ -295,10 +295,10 @@ def _epoch_section(epoch_png: bytes, history: dict[str, list[tuple[int, float]]]
 def _samples_section(inputs: Inputs) -> str:
     if not inputs.samples:
         return _section("samples", "Test samples", '<p class="muted">eval.n_samples is 0: no samples.</p>')
-    names = {"A2B": ("testA", "G_A", "G_B"), "B2A": ("testB", "G_B", "G_A")}
     parts = []
     for direction, png in inputs.samples.items():
-        split, forward, backward = names[direction]
+        d = direction_named(direction)
+        split, forward, backward = d.source, d.generator, d.back
         details = (f"({split})", f"{forward}(x)", f"{backward}({forward}(x))", f"{backward}(x)")
         labels = [f"{row} {detail}" for row, detail in zip(SAMPLE_ROWS, details)]
         parts.append(
@@ -313,10 +313,9 @@ def _samples_section(inputs: Inputs) -> str:
 def _metrics_section(inputs: Inputs) -> str:
     ev = inputs.evaluation
     scalars = {k: v for k, v in ev.items() if not isinstance(v, (dict, list))}
-    directions = [d for d in ("A2B", "B2A", "baseline") if f"fid_{d}" in scalars]
-    rows = [(d, scalars.get(f"fid_{d}", ""), scalars.get(f"kid_{d}", ""), scalars.get(f"kid_std_{d}", ""))
-            for d in directions]
-    shown = {f"{m}_{d}" for d in directions for m in ("fid", "kid", "kid_std")}
+    directions = [d for d in SCORED if metric(FID, d) in scalars]
+    rows = [(d, *(scalars.get(metric(kind, d), "") for kind in (FID, KID, KID_STD))) for d in directions]
+    shown = {metric(kind, d) for d in directions for kind in (FID, KID, KID_STD)}
     parts = [
         "<h3>FID and KID</h3>",
         _table(rows, ("comparison", "FID", "KID", "KID std")),

@@ -26,7 +26,7 @@ import contextlib
 import csv
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,14 @@ from ..fid_kid import fid_kid
 from ..figures import sample_grid
 from ..fileio import atomic_path, write_json
 from ..generator_file import save_generator, translate_array
+from ..generator_init import InitGenerator
 from ..model import LOSS_TERMS, CycleGAN
 from ..runtime import build_model, configure_torch
+from ..training_state import load_process_state, load_shared_state, process_state, shared_state
+from ..vocabulary import DIRECTIONS, PER_EPOCH, during_training, metric
 
 LOSS_COLUMNS = ("step", "epoch", "lr", *(f"loss_{k}" for k in LOSS_TERMS))
-EVAL_COLUMNS = ("epoch", "fid_A2B", "fid_B2A", "kid_A2B", "kid_B2A")
+EVAL_COLUMNS = ("epoch", *PER_EPOCH)
 
 
 def add_arguments(parser) -> None:
@@ -97,20 +100,21 @@ class NonFiniteGuard:
 
 def _log_sample_grids(mlflow, model: CycleGAN, samples: dict[str, np.ndarray], epoch: int) -> None:
     with model.inference(), exact_fp32():
-        for direction, (forward, backward) in (("A2B", ("G_A", "G_B")), ("B2A", ("G_B", "G_A"))):
-            grid = sample_grid(samples[direction], model.nets[forward], model.nets[backward], model.device)
-            mlflow.log_image(grid, f"samples/{direction}/epoch_{epoch:04d}.png")
+        for d in DIRECTIONS:
+            grid = sample_grid(samples[d.name], model.nets[d.generator], model.nets[d.back], model.device)
+            mlflow.log_image(grid, f"samples/{d.name}/epoch_{epoch:04d}.png")
 
 
 def _fid_kid(model: CycleGAN, cfg: Config, test_A: np.ndarray, test_B: np.ndarray) -> dict[str, float]:
     """FID/KID of the test sets' translations, as the evaluate stage scores them."""
     out: dict[str, float] = {}
-    for direction, G, source, reference in (("A2B", "G_A", test_A, test_B), ("B2A", "G_B", test_B, test_A)):
+    real = {"testA": test_A, "testB": test_B}
+    for d in DIRECTIONS:
         with model.inference(), exact_fp32():  # as the translate stage computes them
-            fake = translate_array(model.nets[G], source, cfg.eval.batch_size, model.device)
-        scores = fid_kid(fake, reference, cfg)
-        out[f"fid_{direction}"] = scores["fid"]
-        out[f"kid_{direction}"] = scores["kid"]
+            fake = translate_array(model.nets[d.generator], real[d.source], cfg.eval.batch_size, model.device)
+        scores = fid_kid(fake, real[d.target], cfg)
+        for kind in ("fid", "kid"):
+            out[metric(kind, d.name)] = scores[kind]
     return out
 
 
@@ -171,6 +175,46 @@ def _open_checkpoint(fp: str, execution: dict[str, Any], fresh: bool, ddp: Distr
     return state
 
 
+@dataclass
+class Run:
+    """What the phases of a training run share: set up (or resumed) once, then stepped."""
+
+    cfg: Config
+    ddp: Distributed
+    device: torch.device
+    data: PreparedDataset
+    dataset: UnpairedTrainSet
+    epoch_size: int
+    model: CycleGAN
+    initial: dict[str, InitGenerator]
+    fingerprint: str
+    folder: Path  # this run's checkpoints
+    execution: dict[str, Any]
+    guard: NonFiniteGuard
+    total_steps: int
+    progress: Progress = field(default_factory=Progress)
+    history: list[dict[str, float]] = field(default_factory=list)       # a row per logged step
+    eval_history: list[dict[str, float]] = field(default_factory=list)  # a row per evaluated epoch
+    run_id: str | None = None
+    images_seen: int = 0  # by this process's run, all ranks together (throughput)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.ddp.world
+
+    @property
+    def n_epochs(self) -> int:
+        return self.cfg.train.n_epochs + self.cfg.train.n_epochs_decay
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.epoch_size / self.global_batch)
+
+    @property
+    def done(self) -> bool:
+        return self.progress.epoch >= self.n_epochs or self.progress.step >= self.total_steps
+
+
 def main(cfg: Config, args=None) -> None:
     ddp, device = join(cfg.train.device)
     try:
@@ -180,156 +224,198 @@ def main(cfg: Config, args=None) -> None:
 
 
 def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = False) -> None:
+    run = _set_up(cfg, ddp, device, fresh)
+    tracked = tracking.start_training_run(cfg, run.run_id) if ddp.main else contextlib.nullcontext()
+    t_start = time.perf_counter()
+    with tracked as mlflow:
+        logged = _start_logging(run, mlflow)
+        bar = tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None if ddp.main else True)
+        while not run.done:
+            _train_epoch(run, mlflow, logged, bar)
+            if run.progress.position >= run.epoch_size:
+                _end_epoch(run, mlflow, logged)
+            _save_checkpoint(run)
+        bar.close()
+        _finish(run, mlflow, time.perf_counter() - t_start)
+    ddp.barrier()
+
+
+def _set_up(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool) -> Run:
+    """The data, the model (from train.init_from, or the run's newest checkpoint) and the plan."""
     t = cfg.train
     data, dataset, epoch_size = _open_dataset(cfg, ddp)
     configure_torch(cfg, device, ddp.rank)
-    global_batch = t.batch_size * ddp.world
-    steps_per_epoch = math.ceil(epoch_size / global_batch)
-    n_epochs_total = t.n_epochs + t.n_epochs_decay
-    total_steps = steps_per_epoch * n_epochs_total
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-
     model = build_model(cfg, device, ddp)
     initial = generator_init.load(cfg)
     for name, init in initial.items():  # every rank loads the same file: the ranks stay in step
         model.nets[name].load_state_dict(init.state_dict)
     fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), code_closure.sources_sha256("train"),
                                 {name: init.sha256 for name, init in initial.items()})
-    run_dir = checkpoint.run_folder(paths.CHECKPOINTS, fp)
+    folder = checkpoint.run_folder(paths.CHECKPOINTS, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
                  "channels_last": model.memory_format == torch.channels_last,
                  "deterministic": t.deterministic, "compile": t.compile}
+    run = Run(cfg, ddp, device, data, dataset, epoch_size, model, initial, fp, folder, execution,
+              NonFiniteGuard(device, folder), total_steps=0)
+    run.total_steps = run.steps_per_epoch * run.n_epochs
+    if t.max_steps:
+        run.total_steps = min(run.total_steps, t.max_steps)
     state = _open_checkpoint(fp, execution, fresh, ddp)
-    progress, history, eval_history, run_id = Progress(), [], [], None
     if state is not None:
-        model.load_state_dict(state["model"])
-        model.load_rank_state(state["ranks"][ddp.rank])
-        progress = Progress(state["epoch"], state["position"], state["step"])
-        history, eval_history, run_id = state["history"], state["eval_history"], state["mlflow_run_id"]
+        load_shared_state(model, state["model"])
+        load_process_state(model, state["ranks"][ddp.rank])
+        run.progress = Progress(state["epoch"], state["position"], state["step"])
+        run.history, run.eval_history, run.run_id = state["history"], state["eval_history"], state["mlflow_run_id"]
         del state  # the loaded copy of every tensor is no longer needed
     if ddp.main:
-        print(f"cyclegan train: {total_steps} steps ({n_epochs_total} epochs of {steps_per_epoch} steps, "
-              f"global batch {global_batch}) on {ddp.world} x {device.type}, "
-              f"{'bf16 autocast' if model.bf16 else 'fp32'}"
-              + "".join(f", {name} from {init.path}" for name, init in initial.items()))
-        if n_epochs_total == 0:
-            untrained = [name for name in model.nets if name.startswith("G_") and name not in initial]
-            if untrained:
-                print(f"cyclegan train: 0 epochs; {' and '.join(untrained)} not in train.init_from: written "
-                      f"with random weights, their scores mean nothing")
+        _print_plan(run)
+    return run
 
-    samples = {"A2B": np.array(data.array("testA")[:cfg.eval.n_samples]),
-               "B2A": np.array(data.array("testB")[:cfg.eval.n_samples])}
-    guard = NonFiniteGuard(device, run_dir)
-    check_every_step = device.type == "cpu"
 
-    def save_checkpoint() -> None:
-        guard.check(ddp)
-        bad_net = model.non_finite_network()
-        if bad_net:
-            raise UserError(f"{bad_net} has NaN or inf weights after step {progress.step}; training stopped, "
-                            f"no checkpoint written. Lower train.lr or check the data")
-        ranks = ddp.gather(model.rank_state())
-        if ddp.main:
-            checkpoint.save({"model": model.state_dict(), "ranks": ranks, "epoch": progress.epoch,
-                             "position": progress.position, "step": progress.step, "history": history,
-                             "eval_history": eval_history, "mlflow_run_id": run_id, "fingerprint": fp, "config": cfg.to_dict(),
-                             "execution": execution},
-                            run_dir, progress.step, t.keep_checkpoints)
-            _write_csv(paths.TRAIN_LOSSES, history)
+def _print_plan(run: Run) -> None:
+    print(f"cyclegan train: {run.total_steps} steps ({run.n_epochs} epochs of {run.steps_per_epoch} steps, "
+          f"global batch {run.global_batch}) on {run.ddp.world} x {run.device.type}, "
+          f"{'bf16 autocast' if run.model.bf16 else 'fp32'}"
+          + "".join(f", {name} from {init.path}" for name, init in run.initial.items()))
+    if run.n_epochs == 0:
+        untrained = [name for name in run.model.nets if name.startswith("G_") and name not in run.initial]
+        if untrained:
+            print(f"cyclegan train: 0 epochs; {' and '.join(untrained)} not in train.init_from: written "
+                  f"with random weights, their scores mean nothing")
 
-    run = tracking.start_training_run(cfg, run_id) if ddp.main else contextlib.nullcontext()
-    t_start, images_seen = time.perf_counter(), 0
-    with run as mlflow:
-        logged_step = logged_epoch = 0
-        if ddp.main:
-            run_id = mlflow.active_run().info.run_id
-            if initial:
-                mlflow.set_tags({f"init_{name}_sha256": init.sha256 for name, init in initial.items()})
-            tracking.log_dataset(mlflow, data.root.name, data.root, data.manifest,
-                                 {split: data.array(split).shape for split in ("trainA", "trainB", "testA", "testB")})
-            # On CPU the repeated steps compute the same values; on GPU nearly the same.
-            logged_step = tracking.last_logged_step(mlflow, "loss_G_A")
-            logged_epoch = tracking.last_logged_step(mlflow, "train_fid_A2B")
-        bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=None if ddp.main else True)
-        while progress.epoch < n_epochs_total and progress.step < total_steps:
-            dataset.set_epoch(progress.epoch)
-            loader = DataLoader(dataset, batch_size=t.batch_size,
-                                sampler=PositionSampler(epoch_size, progress.position, ddp.rank, ddp.world),
-                                num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                                # A private generator: the loader's seed draw must not consume the
-                                # global RNG, or a resumed run would see different dropout noise.
-                                generator=torch.Generator().manual_seed(cfg.seed))
-            window_start, window_images = time.perf_counter(), 0
-            for real_A, real_B in loader:
-                losses = model.train_step(batch_to_device(real_A, device, model.memory_format),
-                                          batch_to_device(real_B, device, model.memory_format))
-                progress.step += 1
-                progress.position += ddp.world * real_A.shape[0]
-                window_images += ddp.world * real_A.shape[0]
-                images_seen += ddp.world * real_A.shape[0]
-                guard.update(losses, progress.step)
-                bar.update(1)
-                log_now = progress.step % t.log_every == 0 or progress.step == total_steps
-                if check_every_step or log_now:
-                    guard.check(ddp)
-                if log_now:
-                    # Reading the losses waits for the GPU, hence only every log_every steps.
-                    # The global batch's loss: the mean of the ranks' batch means.
-                    values = ddp.mean(torch.stack([losses[k].float() for k in LOSS_TERMS]))
-                    values = dict(zip(LOSS_TERMS, values.tolist()))
-                    now = time.perf_counter()
-                    row = {"step": progress.step, "epoch": progress.epoch + 1, "lr": model.lr,
-                           **{f"loss_{k}": values[k] for k in LOSS_TERMS}}
-                    history.append(row)
-                    if ddp.main and progress.step > logged_step:
-                        mlflow.log_metrics({**{k: v for k, v in row.items() if k != "step"},
-                                            "images_per_s": window_images / max(now - window_start, 1e-9)},
-                                           step=progress.step)
-                        bar.set_postfix(G_A=f"{values['G_A']:.3f}", cyc=f"{values['cycle_A']:.3f}")
-                    window_start, window_images = now, 0
-                if progress.step % t.checkpoint_every == 0:
-                    save_checkpoint()
-                if progress.step >= total_steps:
-                    break
-            if progress.position >= epoch_size:
-                progress.epoch, progress.position = progress.epoch + 1, 0
-                model.step_lr()
-                if ddp.main:
-                    if cfg.eval.n_samples:
-                        _log_sample_grids(mlflow, model, samples, progress.epoch)
-                    if t.eval_every and progress.epoch % t.eval_every == 0:
-                        test_A, test_B = np.array(data.array("testA")), np.array(data.array("testB"))
-                        scores = _fid_kid(model, cfg, test_A, test_B)
-                        eval_history.append({"epoch": progress.epoch, **scores})
-                        if progress.epoch > logged_epoch:
-                            mlflow.log_metrics({f"train_{k}": v for k, v in scores.items()}, step=progress.epoch)
-                ddp.barrier()  # the other ranks wait while rank 0 evaluates
-            save_checkpoint()
-        bar.close()
 
-        guard.check(ddp)
-        if ddp.main:
-            paths.MODELS.mkdir(exist_ok=True)
-            save_generator(model.nets["G_A"], cfg.model, "A2B", paths.GENERATORS["G_A"])
-            save_generator(model.nets["G_B"], cfg.model, "B2A", paths.GENERATORS["G_B"])
-            _write_csv(paths.TRAIN_LOSSES, history, LOSS_COLUMNS)  # header only after 0 epochs (init_from)
-            _write_csv(paths.TRAIN_EVAL, eval_history, EVAL_COLUMNS)
-            last = history[-min(len(history), 5):]
-            final = {f"loss_{k}": float(np.mean([r[f"loss_{k}"] for r in last])) for k in LOSS_TERMS} if last else {}
-            write_json(paths.TRAIN_METRICS, final)
-            elapsed = time.perf_counter() - t_start
-            timing = {"images_per_s_this_run": images_seen / elapsed if images_seen else 0.0,
-                      "train_seconds_this_run": elapsed}
-            mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **timing}, step=progress.step)
-            mlflow.set_tags({"processes": ddp.world, "global_batch": global_batch, "device_used": device.type})
-            mlflow.log_artifact(str(paths.TRAIN_LOSSES))
-            tracking.tag_generators(mlflow)
-            # Each model's input example: the first test image of its source domain.
-            generator_mlflow.log_generators(mlflow, cfg, {"A2B": np.array(data.array("testA")[:1]),
-                                                       "B2A": np.array(data.array("testB")[:1])}, progress.step)
-            print(f"cyclegan train: {progress.step} steps, {images_seen} images in {elapsed:.0f} s this run "
-                  f"({timing['images_per_s_this_run']:.2f} images/s)")
-    ddp.barrier()
+@dataclass
+class Logged:
+    """What the MLflow run already holds (a resumed run repeats steps since its last checkpoint)."""
+
+    step: int = 0   # the last step with losses
+    epoch: int = 0  # the last epoch with FID/KID
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # the test images of the sample grids
+
+
+def _start_logging(run: Run, mlflow) -> Logged:
+    cfg, data = run.cfg, run.data
+    logged = Logged(samples={d.name: np.array(data.array(d.source)[:cfg.eval.n_samples]) for d in DIRECTIONS})
+    if not run.ddp.main:
+        return logged
+    run.run_id = mlflow.active_run().info.run_id
+    if run.initial:
+        mlflow.set_tags({f"init_{name}_sha256": init.sha256 for name, init in run.initial.items()})
+    tracking.log_dataset(mlflow, data.root.name, data.root, data.manifest,
+                         {split: data.array(split).shape for split in ("trainA", "trainB", "testA", "testB")})
+    # On CPU the repeated steps compute the same values; on GPU nearly the same.
+    logged.step = tracking.last_logged_step(mlflow, "loss_G_A")
+    logged.epoch = tracking.last_logged_step(mlflow, during_training(PER_EPOCH[0]))
+    return logged
+
+
+def _train_epoch(run: Run, mlflow, logged: Logged, bar: tqdm) -> None:
+    """The steps of the epoch in progress, from its position, up to its end or the last step."""
+    cfg, ddp, model, progress = run.cfg, run.ddp, run.model, run.progress
+    t = cfg.train
+    run.dataset.set_epoch(progress.epoch)
+    loader = DataLoader(run.dataset, batch_size=t.batch_size,
+                        sampler=PositionSampler(run.epoch_size, progress.position, ddp.rank, ddp.world),
+                        num_workers=cfg.data.num_workers, pin_memory=run.device.type == "cuda",
+                        # A private generator: the loader's seed draw must not consume the
+                        # global RNG, or a resumed run would see different dropout noise.
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    check_every_step = run.device.type == "cpu"
+    window_start, window_images = time.perf_counter(), 0
+    for real_A, real_B in loader:
+        losses = model.train_step(batch_to_device(real_A, run.device, model.memory_format),
+                                  batch_to_device(real_B, run.device, model.memory_format))
+        progress.step += 1
+        progress.position += ddp.world * real_A.shape[0]
+        window_images += ddp.world * real_A.shape[0]
+        run.images_seen += ddp.world * real_A.shape[0]
+        run.guard.update(losses, progress.step)
+        bar.update(1)
+        log_now = progress.step % t.log_every == 0 or progress.step == run.total_steps
+        if check_every_step or log_now:
+            run.guard.check(ddp)
+        if log_now:
+            now = time.perf_counter()
+            _log_losses(run, mlflow, logged, bar, losses, window_images / max(now - window_start, 1e-9))
+            window_start, window_images = now, 0
+        if progress.step % t.checkpoint_every == 0:
+            _save_checkpoint(run)
+        if progress.step >= run.total_steps:
+            break
+
+
+def _log_losses(run: Run, mlflow, logged: Logged, bar: tqdm, losses: dict[str, torch.Tensor],
+                images_per_s: float) -> None:
+    # Reading the losses waits for the GPU, hence only every log_every steps.
+    # The global batch's loss: the mean of the ranks' batch means.
+    values = run.ddp.mean(torch.stack([losses[k].float() for k in LOSS_TERMS]))
+    values = dict(zip(LOSS_TERMS, values.tolist()))
+    row = {"step": run.progress.step, "epoch": run.progress.epoch + 1, "lr": run.model.lr,
+           **{f"loss_{k}": values[k] for k in LOSS_TERMS}}
+    run.history.append(row)
+    if run.ddp.main and run.progress.step > logged.step:
+        mlflow.log_metrics({**{k: v for k, v in row.items() if k != "step"}, "images_per_s": images_per_s},
+                           step=run.progress.step)
+        bar.set_postfix(G_A=f"{values['G_A']:.3f}", cyc=f"{values['cycle_A']:.3f}")
+
+
+def _end_epoch(run: Run, mlflow, logged: Logged) -> None:
+    """The LR steps; rank 0 logs the sample grids and, every train.eval_every epochs, FID/KID."""
+    progress, cfg = run.progress, run.cfg
+    progress.epoch, progress.position = progress.epoch + 1, 0
+    run.model.step_lr()
+    if run.ddp.main:
+        if cfg.eval.n_samples:
+            _log_sample_grids(mlflow, run.model, logged.samples, progress.epoch)
+        if cfg.train.eval_every and progress.epoch % cfg.train.eval_every == 0:
+            test_A, test_B = np.array(run.data.array("testA")), np.array(run.data.array("testB"))
+            scores = _fid_kid(run.model, cfg, test_A, test_B)
+            run.eval_history.append({"epoch": progress.epoch, **scores})
+            if progress.epoch > logged.epoch:
+                mlflow.log_metrics({during_training(k): v for k, v in scores.items()}, step=progress.epoch)
+    run.ddp.barrier()  # the other ranks wait while rank 0 evaluates
+
+
+def _save_checkpoint(run: Run) -> None:
+    run.guard.check(run.ddp)
+    bad_net = run.model.non_finite_network()
+    if bad_net:
+        raise UserError(f"{bad_net} has NaN or inf weights after step {run.progress.step}; training stopped, "
+                        f"no checkpoint written. Lower train.lr or check the data")
+    ranks = run.ddp.gather(process_state(run.model))
+    if run.ddp.main:
+        progress = run.progress
+        checkpoint.save({"model": shared_state(run.model), "ranks": ranks, "epoch": progress.epoch,
+                         "position": progress.position, "step": progress.step, "history": run.history,
+                         "eval_history": run.eval_history, "mlflow_run_id": run.run_id,
+                         "fingerprint": run.fingerprint, "config": run.cfg.to_dict(), "execution": run.execution},
+                        run.folder, progress.step, run.cfg.train.keep_checkpoints)
+        _write_csv(paths.TRAIN_LOSSES, run.history)
+
+
+def _finish(run: Run, mlflow, elapsed: float) -> None:
+    """The generators, the loss and FID/KID files, and (rank 0) their MLflow records."""
+    run.guard.check(run.ddp)
+    if not run.ddp.main:
+        return
+    cfg, model, data, progress = run.cfg, run.model, run.data, run.progress
+    paths.MODELS.mkdir(exist_ok=True)
+    for d in DIRECTIONS:
+        save_generator(model.nets[d.generator], cfg.model, d.name, paths.GENERATORS[d.generator])
+    _write_csv(paths.TRAIN_LOSSES, run.history, LOSS_COLUMNS)  # header only after 0 epochs (init_from)
+    _write_csv(paths.TRAIN_EVAL, run.eval_history, EVAL_COLUMNS)
+    last = run.history[-min(len(run.history), 5):]
+    final = {f"loss_{k}": float(np.mean([r[f"loss_{k}"] for r in last])) for k in LOSS_TERMS} if last else {}
+    write_json(paths.TRAIN_METRICS, final)
+    timing = {"images_per_s_this_run": run.images_seen / elapsed if run.images_seen else 0.0,
+              "train_seconds_this_run": elapsed}
+    mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **timing}, step=progress.step)
+    mlflow.set_tags({"processes": run.ddp.world, "global_batch": run.global_batch, "device_used": run.device.type})
+    mlflow.log_artifact(str(paths.TRAIN_LOSSES))
+    tracking.tag_generators(mlflow)
+    # Each model's input example: the first test image of its source domain.
+    generator_mlflow.log_generators(mlflow, cfg, {d.name: np.array(data.array(d.source)[:1]) for d in DIRECTIONS},
+                                    progress.step)
+    print(f"cyclegan train: {progress.step} steps, {run.images_seen} images in {elapsed:.0f} s this run "
+          f"({timing['images_per_s_this_run']:.2f} images/s)")

@@ -2,7 +2,8 @@
 
 As a stage it writes data/translated/A2B/<name>.png and data/translated/B2A/<name>.png at the
 official test-time preprocessing (resized to crop_size, no crop or flip), or with
-eval.full_resolution at each image's own size, sides rounded to multiples of 4.
+eval.full_resolution at each image's own size, sides rounded to the multiple the generator's
+architecture needs (4 for the ResNets, 256 for unet_256).
 
 With --input it translates the images of any folder with a given generator file, decoded as
 `prepare` decodes (EXIF, modes, alpha over data.alpha_background). Files that cannot be used are
@@ -23,11 +24,14 @@ from tqdm import tqdm
 
 from .. import images, paths
 from ..config import Config
-from ..prepared_data import PreparedDataset, dataset_name
+from ..datasets.sources import folder_name
+from ..prepared_data import PreparedDataset
 from ..device import exact_fp32, resolve_device
 from ..errors import UserError
 from ..fileio import atomic_dir, write_json
-from ..generator_file import load_generator, translate_array
+from ..generator_file import open_generator, translate_array
+from ..networks import size_multiple
+from ..vocabulary import DIRECTIONS, TEST_SPLITS
 
 # In an --output folder: what was translated and what was skipped, and the sign that the folder
 # is one this command wrote (and may replace).
@@ -43,16 +47,20 @@ def add_arguments(parser) -> None:
                         help="output folder for --input (default: <input>_translated); replaced whole")
 
 
-def _multiple_of_4(image: Image.Image) -> Image.Image:
-    w, h = (max(4, int(round(s / 4)) * 4) for s in image.size)
+def _round_to_multiple(image: Image.Image, multiple: int) -> Image.Image:
+    """The image resized so that both sides are the nearest multiples of `multiple` (at least one)."""
+    w, h = (max(multiple, int(round(s / multiple)) * multiple) for s in image.size)
     return image if (w, h) == image.size else image.resize((w, h), Image.BICUBIC)
 
 
 @torch.no_grad()
 def translate_files(net: torch.nn.Module, files: list[Path], out_dir: Path, size: int | None,
                     device: torch.device, desc: str, background: tuple[int, int, int],
-                    bad: Callable[[Path, str], None] | None = None) -> int:
+                    bad: Callable[[Path, str], None] | None = None, multiple: int = 4) -> int:
     """One image at a time, so images of different sizes can pass at full resolution; returns the count.
+
+    size None: each image at its own size, its sides rounded to multiples of `multiple` (what the
+    generator's architecture needs to return that size).
 
     Decoded as `prepare` decodes (EXIF, modes, alpha), so inputs look like the training data. A file
     that cannot be used goes to `bad(file, reason)` when given, else stops with one line.
@@ -66,7 +74,7 @@ def translate_files(net: torch.nn.Module, files: list[Path], out_dir: Path, size
                 raise UserError(f"{f}: {e}; remove or replace it") from None
             bad(f, str(e))
             continue
-        image = image.resize((size, size), Image.BICUBIC) if size else _multiple_of_4(image)
+        image = image.resize((size, size), Image.BICUBIC) if size else _round_to_multiple(image, multiple)
         fake = translate_array(net, np.asarray(image)[None], 1, device)[0]
         Image.fromarray(fake).save(out_dir / paths.translated_name(f.name))
         done += 1
@@ -85,22 +93,23 @@ def _check_unique_outputs(names: list[str], folder: Path) -> None:
 
 
 def translate_test_sets(cfg: Config, device: torch.device) -> None:
-    name = dataset_name(cfg.data.dataset)
+    name = folder_name(cfg.data.dataset)
     data = PreparedDataset.of(cfg.data.dataset, ("testA", "testB"))
-    for split in ("testA", "testB"):
+    for split in TEST_SPLITS:
         _check_unique_outputs(data.names(split), paths.RAW / name / split)
     with atomic_dir(paths.TRANSLATED) as out:
-        for direction, split, gen in (("A2B", "testA", "G_A"), ("B2A", "testB", "G_B")):
-            net = load_generator(paths.GENERATORS[gen], device)
-            (out / direction).mkdir()
+        for direction in DIRECTIONS:
+            architecture, _, net = open_generator(paths.GENERATORS[direction.generator], device)
+            folder, split = out / direction.name, direction.source
+            folder.mkdir()
             if cfg.eval.full_resolution:
                 raw = paths.RAW / name / split
-                translate_files(net, [raw / f for f in data.names(split)], out / direction, None, device, direction,
-                                cfg.data.alpha_background)
+                translate_files(net, [raw / f for f in data.names(split)], folder, None, device, direction.name,
+                                cfg.data.alpha_background, multiple=size_multiple(architecture.netG))
                 continue
             fakes = translate_array(net, np.asarray(data.array(split)), cfg.eval.batch_size, device)
-            for fname, fake in zip(tqdm(data.names(split), desc=direction, unit="img", disable=None), fakes):
-                Image.fromarray(fake).save(out / direction / paths.translated_name(fname))
+            for fname, fake in zip(tqdm(data.names(split), desc=direction.name, unit="img", disable=None), fakes):
+                Image.fromarray(fake).save(folder / paths.translated_name(fname))
 
 
 def main(cfg: Config, args=None) -> None:
@@ -167,11 +176,12 @@ def translate_folder(cfg: Config, device: torch.device, source: Path, generator:
             owner[out] = name
             todo.append(name)
 
-    net = load_generator(generator, device)
+    architecture, _, net = open_generator(generator, device)
     size = None if cfg.eval.full_resolution else cfg.data.crop_size
     with atomic_dir(output) as out_dir:
         n = translate_files(net, [source / name for name in todo], out_dir, size, device, "translate",
-                            cfg.data.alpha_background, lambda f, reason: bad(f.name, reason))
+                            cfg.data.alpha_background, lambda f, reason: bad(f.name, reason),
+                            multiple=size_multiple(architecture.netG))
         if not n:
             first = skipped[0]
             raise UserError(f"--input {source}: no usable images ({len(skipped)} skipped, first {first['file']}: "
