@@ -401,3 +401,34 @@ def test_cli_bad_dataset_is_one_line_exit_2(project, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("cyclegan download: error: data.dataset: folder no_such_folder not found")
+
+
+# --------------------------------------------------------------------------------------------
+# A source's folder name
+
+
+@pytest.mark.slow
+def test_a_source_named_unlike_its_path_reaches_every_stage_under_one_folder(tmp_path, monkeypatch):
+    """Each stage finds the dataset where download put it: under the source's name
+    (datasets.sources.folder_name), not the last part of data.dataset. (evaluate and report open
+    the prepared data as train and translate do: PreparedDataset.of.)"""
+    from cyclegan.datasets import sources, toy
+    from helpers import TRAIN_PARAMS, enter_project, merge, set_params
+
+    folder = tmp_path / "zebra_photos_v2"
+    toy.generate(folder, image_size=32, n_train_a=6, n_train_b=6, n_test=4, seed=0)
+
+    def versioned(dataset: str) -> sources.Source | None:  # "zebras@v2": a folder source named zebras_v2
+        if dataset != "zebras@v2":
+            return None
+        return sources.Source("folder", "zebras_v2", path=folder)
+
+    monkeypatch.setattr(sources, "RESOLVERS", [versioned, *sources.RESOLVERS])
+    (tmp_path / "project").mkdir()
+    project = enter_project(monkeypatch, tmp_path / "project")
+    set_params(project, merge(TRAIN_PARAMS, {"data": {"dataset": "zebras@v2"}, "train": {"max_steps": 2}}))
+    for stage in ("download", "prepare", "train", "translate"):
+        assert cli_main([stage]) == 0, stage
+    assert sorted(p.name for p in (project / "data" / "raw").iterdir()) == ["zebras_v2"]
+    assert sorted(p.name for p in (project / "data" / "prepared").iterdir()) == ["zebras_v2"]
+    assert len(list((project / "data" / "translated" / "A2B").iterdir())) == 4
