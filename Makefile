@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install repro test bench mutate clean-env
+.PHONY: install repro test test-fast lint bench mutate clean-env
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ repro: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The tests without the end-to-end DVC runs (`slow`): under 3 minutes on 2 idle cores.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: install
 	$(PY) benchmarks/data.py

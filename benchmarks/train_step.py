@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="train.precision: auto and fp32 = fp32 (TF32 convolutions on GPUs), bf16 = bf16 autocast")
+                   help="train.precision: auto and fp32 = fp32 (TF32 convolutions on GPUs), bf16 = bf16 "
+                        "autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--netG", default="resnet_9blocks")
@@ -127,7 +128,7 @@ def run_modes(args: argparse.Namespace, size: int) -> dict:
         for _ in range(args.warmup):
             step(mode)
     times: dict[str, list[float]] = {m: [] for m in models}
-    peaks: dict[str, float] = {m: 0.0 for m in models}
+    peaks: dict[str, float] = dict.fromkeys(models, 0.0)
     for _ in range(args.iters):
         for mode in models:
             seconds, peak = step(mode)
@@ -169,9 +170,11 @@ def main() -> None:
         return
     load = os.getloadavg()
     print(f"# {args.netG} ngf {args.ngf} ndf {args.ndf} batch {args.batch_size} on {args.device}, "
-          f"threads {args.threads or 'default'}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"threads {args.threads or 'default'}; load average before: {load[0]:.2f} {load[1]:.2f} "
+          f"{load[2]:.2f} "
           f"on {os.cpu_count()} cores")
-    print(f"{'size':>5}  {'mode':<22} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>8} {'peak GiB':>9}  official CPU s/iter")
+    print(f"{'size':>5}  {'mode':<22} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>8} {'peak GiB':>9}  "
+          f"official CPU s/iter")
     results = []
     for size in args.sizes:
         # Each size in its own process: the peak memory of one is not the high-water mark of another.

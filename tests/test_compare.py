@@ -120,7 +120,8 @@ def test_select_sorts_by_param_and_keeps_varying_params(dvc_repo):
 
 def test_select_errors_name_what_exists(dvc_repo):
     df = load_dvc(dvc_repo)
-    with pytest.raises(UserError, match=r"--param lambda_idt: no experiment has it; known columns: .*lambda_identity"):
+    with pytest.raises(UserError, match=r"--param lambda_idt: no experiment has it; known columns: "
+                                        r".*lambda_identity"):
         select(df, "lambda_idt")
     with pytest.raises(UserError, match=r"--metric fid: no experiment has it"):
         select(df, "lambda_identity", ["fid"])

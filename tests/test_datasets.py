@@ -28,7 +28,7 @@ from helpers import ScriptedServer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "horse2zebra"
 PER_SPLIT = 3
-SUBSET_COUNTS = {s: PER_SPLIT for s in SPLITS}
+SUBSET_COUNTS = dict.fromkeys(SPLITS, PER_SPLIT)
 
 
 def need_shared() -> None:

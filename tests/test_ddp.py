@@ -93,7 +93,7 @@ def torchrun(root: Path, nproc: int = 2) -> subprocess.CompletedProcess:
 def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypatch):
     # 13 A images: an epoch of 13 positions, of which 2 ranks take 12 (6 steps) and none hangs.
     enter_project(monkeypatch, tmp_path)
-    params = make_project(tmp_path, n_a=13, **{"train": {"max_steps": 7, "checkpoint_every": 4}})
+    params = make_project(tmp_path, n_a=13, train={"max_steps": 7, "checkpoint_every": 4})
     first = torchrun(tmp_path)
     assert first.returncode == 0, first.stderr
     state = torch.load(tmp_path / run_dir(tmp_path) / "step_000000007.pt", weights_only=True)

@@ -186,7 +186,8 @@ def test_a_truncated_file_is_one_line(tmp_path):
 def test_a_discriminator_is_one_line(tmp_path):
     path = tmp_path / "latest_net_D_A.pth"
     torch.save(NLayerDiscriminator(ndf=8).state_dict(), path)
-    assert error_of(path, tmp_path) == (f"{path}: a discriminator (PatchGAN layers model.0, model.2, ...), not a "
+    assert error_of(path, tmp_path) == (f"{path}: a discriminator (PatchGAN layers model.0, model.2, ...), "
+                                        f"not a "
                                         f"generator; import the *_net_G*.pth file of the same run")
 
 
@@ -196,8 +197,10 @@ def test_a_pix2pix_u_net_with_wrong_shapes_is_one_line(tmp_path):
     state[key] = torch.zeros(32, 24, 4, 4)
     path = tmp_path / "latest_net_G.pth"
     torch.save(state, path)
-    assert error_of(path, tmp_path) == (f"{path}: {key} has shape [32, 24, 4, 4] where a unet_256 generator with "
-                                        f"ngf 8, norm batch has [32, 16, 4, 4]; not a generator cyclegan can build")
+    assert error_of(path, tmp_path) == (f"{path}: {key} has shape [32, 24, 4, 4] where a unet_256 generator "
+                                        f"with "
+                                        f"ngf 8, norm batch has [32, 16, 4, 4]; not a generator cyclegan can "
+                                        f"build")
 
     gray = UnetGenerator(num_downs=8, ngf=8, norm="batch").state_dict()
     gray["model.model.0.weight"] = torch.zeros(8, 1, 4, 4)
@@ -260,7 +263,8 @@ def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connectio
         # A name the mirror lacks: one line naming the URL, the variable, and the file to provide.
         message = error_of("zebra2horse", tmp_path)
         assert message == (f"{mirror.url}/zebra2horse.pth: not found (HTTP 404); check the name (one of 18 "
-                           f"official ones), or set {generator_authors.URL_ENV} to a server or folder that holds "
+                           f"official ones), or set {generator_authors.URL_ENV} to a server or folder that "
+                           f"holds "
                            f"zebra2horse.pth")
     finally:
         mirror.close()
@@ -271,7 +275,8 @@ def test_an_official_name_downloads_from_the_mirror_resuming_a_dropped_connectio
         out = tmp_path / f"from_folder{SUFFIX}"
         generator_authors.import_generator("horse2zebra", "A2B", out)
         np.testing.assert_allclose(translate(out, input_64()), expected, rtol=0, atol=1e-5)
-    assert error_of("zebra2horse", tmp_path).startswith(f"{generator_authors.URL_ENV}={served.as_uri()}: no zebra2horse.pth")
+    assert error_of("zebra2horse", tmp_path).startswith(f"{generator_authors.URL_ENV}={served.as_uri()}: no "
+                                                        f"zebra2horse.pth")
 
 
 # --- train.init_from -----------------------------------------------------------------------------
@@ -289,7 +294,8 @@ def test_init_from_is_checked_before_anything_runs(project):
         config_from_dict({"train": {"init_from": {"G_A": f"elsewhere/h2z{SUFFIX}"}}})
     with pytest.raises(ConfigError, match="must be in models/init/"):
         config_from_dict({"train": {"init_from": {"G_B": "models/init/../G_B.pt"}}})
-    with pytest.raises(ConfigError, match=r"'train.n_epochs' plus train.n_epochs_decay must be >= 1 \(0 only with "
+    with pytest.raises(ConfigError, match=r"'train.n_epochs' plus train.n_epochs_decay must be >= 1 \(0 only "
+                                          r"with "
                                           r"train.init_from"):
         config_from_dict({"train": {"n_epochs": 0, "n_epochs_decay": 0}})
     assert config_from_dict({"train": {"n_epochs": 0, "n_epochs_decay": 0,
@@ -300,13 +306,15 @@ def test_init_from_is_checked_before_anything_runs(project):
     make_project(project, model={"netG": "resnet_6blocks", "ngf": 16}, train={"init_from": {"G_A": init}})
     with pytest.raises(UserError) as e:
         run_train()
-    assert str(e.value) == (f"train.init_from.G_A: {init} holds a generator of netG resnet_9blocks, ngf 8, norm "
+    assert str(e.value) == (f"train.init_from.G_A: {init} holds a generator of netG resnet_9blocks, ngf 8, "
+                            f"norm "
                             f"instance, use_dropout true; set model.netG: resnet_9blocks, model.ngf: 8, "
                             f"model.use_dropout: true in params.yaml to start from it")
     # An A->B generator (import-authors' default direction) cannot start G_B, the B->A one.
     make_project(project, model={"netG": "resnet_9blocks", "ngf": 8, "use_dropout": True},
                  train={"init_from": {"G_B": init}})
-    with pytest.raises(UserError, match=rf"^train.init_from.G_B: {re.escape(str(init))} is a A2B generator and G_B "
+    with pytest.raises(UserError, match=rf"^train.init_from.G_B: {re.escape(str(init))} is a A2B generator "
+                                        rf"and G_B "
                                         r"translates B2A; .*--direction B2A`$"):
         run_train()
     make_project(project, train={"init_from": {"G_B": f"models/init/missing{SUFFIX}"}})

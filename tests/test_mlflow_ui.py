@@ -98,7 +98,8 @@ def _metric_row(text: str, name: str, n_runs: int) -> list[str]:
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+                    reason="chromium and chromedriver are not installed (Debian: apt-get install chromium "
+                           "chromium-driver)")
 def test_sweep_shows_up_in_mlflow_compare_page(tmp_path, tmp_path_factory):
     port = free_port()
     server_url = f"http://127.0.0.1:{port}"

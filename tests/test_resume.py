@@ -204,7 +204,8 @@ def test_a_new_run_says_what_else_the_checkpoints_folder_holds(tmp_path, capsys)
     root.mkdir()
     (root / "step_000000004.pt").write_bytes(bytes(3 * 2**20))  # an earlier version's, alone
     assert checkpoint.open_run(root, "0123456789abcdef", {"world": 1}, fresh=False) is None
-    note = (f"cyclegan train: starting afresh in {root / '0123456789abcdef'}; {root} also holds checkpoints of "
+    note = (f"cyclegan train: starting afresh in {root / '0123456789abcdef'}; {root} also holds checkpoints "
+            f"of "
             f"an earlier version (3 MiB), kept: delete what you no longer need\n")
     assert capsys.readouterr().out == note
     (root / "0000000000000000").mkdir()  # a folder without checkpoints is no run

@@ -170,9 +170,11 @@ def test_generator_file_is_safetensors_with_its_architecture_and_the_same_bytes_
 
     # Another process (another hash seed, another dict order) writes the same bytes.
     code = ("import sys, torch; from pathlib import Path; from cyclegan.config import config_from_dict; "
-            "from cyclegan.networks import build_generator; from cyclegan.generator_file import save_generator; "
+            "from cyclegan.networks import build_generator; from cyclegan.generator_file import "
+            "save_generator; "
             "cfg = config_from_dict({'model': {'netG': 'resnet_6blocks', 'ngf': 4, 'use_dropout': True}}); "
-            "torch.manual_seed(0); save_generator(build_generator(cfg.model), cfg.model, 'B2A', Path(sys.argv[1]))")
+            "torch.manual_seed(0); save_generator(build_generator(cfg.model), cfg.model, 'B2A', "
+            "Path(sys.argv[1]))")
     for seed in ("1", "2"):
         subprocess.run([sys.executable, "-c", code, f"again{seed}.safetensors"], check=True,
                        env={**__import__("os").environ, "PYTHONHASHSEED": seed})
@@ -312,7 +314,9 @@ def test_folders_with_nothing_to_translate_are_one_line(generators_and_test_sets
                          (broken, "no usable images (2 skipped, first empty.png: empty file)")):
         out = tmp_path / f"{folder.name}_out"
         code = cli_main(["translate", "--input", str(folder), "--generator", gen, "--output", str(out)])
-        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("cyclegan translate: skipped")]
+        err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("cyclegan "
+                                                                                            "translate: "
+                                                                                            "skipped")]
         assert code == 2 and len(err) == 1 and says in err[0], err
         assert not out.exists()
 
@@ -326,7 +330,8 @@ def test_an_output_folder_is_replaced_only_if_this_command_wrote_it(generators_a
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("the user's")
-    with pytest.raises(UserError, match=r"--output .*mine: holds files that `cyclegan translate` did not write"):
+    with pytest.raises(UserError, match=r"--output .*mine: holds files that `cyclegan translate` did not "
+                                        r"write"):
         translate.main(cfg, Namespace(input=photos, generator=gen, output=mine))
     assert (mine / "keep.txt").read_text() == "the user's"
     for output in (photos, tmp_path):
@@ -342,7 +347,8 @@ def test_test_images_whose_translations_would_share_a_name_are_refused(project):
     images = np.zeros((2, 32, 32, 3), np.uint8)
     write_prepared(project, {"testA": images, "testB": images},
                    {"testA": ["a.jpg", "a.png"], "testB": ["b.jpg", "c.jpg"]})
-    with pytest.raises(UserError, match=r"testA/a\.jpg and .*testA/a\.png: both would be translated to a\.png; "
+    with pytest.raises(UserError, match=r"testA/a\.jpg and .*testA/a\.png: both would be translated to "
+                                        r"a\.png; "
                                         r"rename one of them"):
         translate.main(config_from_dict(SMALL), None)
     assert not paths.TRANSLATED.exists()

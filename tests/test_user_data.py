@@ -173,7 +173,8 @@ def test_fail_stops_download_at_an_entry_without_content_and_keeps_what_was_ther
     before = listing(raw)
     with pytest.raises(UserError) as e:
         download.run(cfg(str(folder), on_bad_image="fail"))
-    assert re.fullmatch(r".*/my data/trainA/more: symbolic link to a folder \(.*\), not to a file; remove it or "
+    assert re.fullmatch(r".*/my data/trainA/more: symbolic link to a folder \(.*\), not to a file; remove it "
+                        r"or "
                         r"put the file itself there, or set data.on_bad_image: skip in params.yaml", str(e.value))
     assert listing(raw) == before
     # prepare under fail refuses data/raw made under skip, as it refuses a bad image.
@@ -424,11 +425,14 @@ def set_up_missing_weights(root: Path, project: UserProject) -> dict:
 
 # case: (stage, the setup, what its one line says)
 FAILURES = {
-    "download, bad file": ("download", set_up_bad_file, r"trainA/more: symbolic link to a folder .*on_bad_image: skip"),
+    "download, bad file": ("download", set_up_bad_file, r"trainA/more: symbolic link to a folder "
+                                                        r".*on_bad_image: skip"),
     "download, full disk": ("download", set_up_full_raw, r"No space left on device while writing its outputs"),
-    "prepare, corrupt image": ("prepare", set_up_corrupt_image, r"trainA/tiny\.png: too small: 8x8.*on_bad_image: skip"),
+    "prepare, corrupt image": ("prepare", set_up_corrupt_image, r"trainA/tiny\.png: too small: "
+                                                                r"8x8.*on_bad_image: skip"),
     "train, bad param": ("train", set_up_batch_too_big, r"train\.batch_size \(1000\) exceeds the dataset"),
-    "translate, bad param": ("translate", set_up_no_gpu, r"eval\.device is 'cuda' but no CUDA device is visible"),
+    "translate, bad param": ("translate", set_up_no_gpu, r"eval\.device is 'cuda' but no CUDA device is "
+                                                         r"visible"),
     "evaluate, bad param": ("evaluate", set_up_missing_weights,
                             r"eval\.inception_weights: .*no-such-weights\.pth not found"),
 }

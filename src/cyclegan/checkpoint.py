@@ -147,7 +147,8 @@ def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: boo
     before = state["execution"]
     if before["world"] != execution["world"]:
         raise UserError(f"{path} was written by {before['world']} training processes, this run has "
-                        f"{execution['world']}: resume it with {before['world']} (torchrun --nproc_per_node), "
+                        f"{execution['world']}: resume it with {before['world']} (torchrun "
+                        f"--nproc_per_node), "
                         f"or start over with `cyclegan train --fresh`, which deletes this run's checkpoints")
     changed = [f"{k} {before[k]} -> {v}" for k, v in execution.items() if k in before and before[k] != v]
     print(f"cyclegan train: resuming from {path} (epoch {state['epoch'] + 1}, step {state['step']})"

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f"{e.filename}: " if e.filename else ""
         fix = "raise the file size limit (ulimit -f)" if e.errno == errno.EFBIG else "free disk space"
-        print(f"cyclegan {args.stage}: error: {where}{e.strerror} while writing its outputs; {fix} and run it "
+        print(f"cyclegan {args.stage}: error: {where}{e.strerror} while writing its outputs; {fix} and run "
+              f"it "
               f"again (earlier outputs are intact)", file=sys.stderr)
         return 2
     return 0

@@ -27,7 +27,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -134,7 +135,8 @@ def load_mlflow(tracking_uri: str | None = None, experiment: str = tracking.EXPE
     uri = tracking_uri or tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         # Searching would create an empty store as a side effect.
-        raise UserError(f"{uri.removeprefix('sqlite:///')}: no MLflow store; run `dvc repro` or `dvc exp run` first")
+        raise UserError(f"{uri.removeprefix('sqlite:///')}: no MLflow store; run `dvc repro` or `dvc exp "
+                        f"run` first")
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -280,16 +280,19 @@ def _check(cfg: Config) -> None:
         fail("data.alpha_background", "must hold three values in 0..255")
     multiple = size_multiple(cfg.model.netG)
     if cfg.data.crop_size % multiple:
-        fail("data.crop_size", f"({cfg.data.crop_size}) must be a multiple of {multiple} for model.netG={cfg.model.netG}")
+        fail("data.crop_size", f"({cfg.data.crop_size}) must be a multiple of {multiple} for "
+                               f"model.netG={cfg.model.netG}")
     if cfg.model.netD == "basic" and cfg.model.n_layers_D != 3:
-        fail("model.n_layers_D", "is only used with model.netD=n_layers (basic is 3 layers); set netD: n_layers")
+        fail("model.n_layers_D", "is only used with model.netD=n_layers (basic is 3 layers); set netD: "
+                                 "n_layers")
     # The PatchGAN needs at least one output pixel.
     if cfg.model.netD in ("basic", "n_layers"):
         size = cfg.data.crop_size
         for _ in range(cfg.model.n_layers_D):
             size = size // 2
         if size + 2 - 3 < 1:
-            fail("data.crop_size", f"({cfg.data.crop_size}) is too small for a {cfg.model.n_layers_D}-layer PatchGAN")
+            fail("data.crop_size", f"({cfg.data.crop_size}) is too small for a {cfg.model.n_layers_D}-layer "
+                                   f"PatchGAN")
     name = cfg.tracking.register_as
     if name and (not name.strip() or "/" in name or ":" in name):
         fail("tracking.register_as", f"is {name!r}: an MLflow model name has no '/' or ':' and is not blank; "

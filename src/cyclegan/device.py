@@ -5,7 +5,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -23,8 +23,10 @@ def resolve_device(setting: str, key: str) -> torch.device:
         driver = nvidia_driver()
         if driver is not None:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
-            raise UserError(f"an NVIDIA GPU is installed ({driver}) but torch {torch.__version__}, built for {build}, "
-                            f"cannot use it: update the NVIDIA driver, or install a torch build for your CUDA "
+            raise UserError(f"an NVIDIA GPU is installed ({driver}) but torch {torch.__version__}, built for "
+                            f"{build}, "
+                            f"cannot use it: update the NVIDIA driver, or install a torch build for your "
+                            f"CUDA "
                             f"(README: GPU drivers); or set {key}: cpu to run on the CPU")
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"

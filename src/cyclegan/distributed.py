@@ -84,7 +84,8 @@ def join(device_setting: str) -> tuple[Distributed, torch.device]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"rank {rank} wants GPU {local_rank} but {torch.cuda.device_count()} are visible; "
+            raise UserError(f"rank {rank} wants GPU {local_rank} but {torch.cuda.device_count()} are "
+                            f"visible; "
                             f"lower torchrun's --nproc_per_node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

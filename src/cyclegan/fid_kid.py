@@ -102,7 +102,7 @@ class InceptionScorer:
     _extractor: Any = field(default=None, repr=False)
 
     @classmethod
-    def from_config(cls, settings: EvalConfig) -> "InceptionScorer":
+    def from_config(cls, settings: EvalConfig) -> InceptionScorer:
         return cls(inception.resolve(settings.inception_weights), resolve_device(settings.device, "eval.device").type,
                    settings.batch_size)
 

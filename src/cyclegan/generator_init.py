@@ -51,7 +51,8 @@ def load(cfg: Config) -> dict[str, InitGenerator]:
         expected = direction_of(name).name
         if direction != expected:
             raise UserError(f"{key}: {path} is a {direction} generator and {name} translates {expected}; "
-                            f"name it under train.init_from.{direction_named(direction).generator}, or import "
+                            f"name it under train.init_from.{direction_named(direction).generator}, or "
+                            f"import "
                             f"it again with `cyclegan import-authors ... --direction {expected}`")
         found = {f: getattr(model, f) for f in FIELDS}
         differ = [f for f in FIELDS if found[f] != getattr(cfg.model, f)]

@@ -36,7 +36,8 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from .errors import UserError
 from . import fileio
@@ -252,7 +253,8 @@ def convert(source: Path, out: Path) -> None:
     target = _skeleton()
     bns = [m for m in target.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if any(bn.eps != TF_BN_EPS or bn.affine is False for bn in bns):
-        raise RuntimeError("torch-fidelity's BasicConv2d changed (batch-norm eps or affine); conversion unverified")
+        raise RuntimeError("torch-fidelity's BasicConv2d changed (batch-norm eps or affine); conversion "
+                           "unverified")
 
     src = load_torchscript(source).state_dict()
     src_convs = [k[: -len(".weight")] for k, v in src.items() if k.endswith(".weight") and v.dim() == 4]

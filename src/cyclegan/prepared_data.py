@@ -35,20 +35,22 @@ class PreparedDataset:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | Path, splits: tuple[str, ...] = ()) -> "PreparedDataset":
+    def open(cls, root: str | Path, splits: tuple[str, ...] = ()) -> PreparedDataset:
         """The prepared data in `root`, with `splits` present; a one-line error naming the file if not."""
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():
-            raise UserError(f"{path}: no prepared dataset here; run `dvc repro prepare` (or `dvc repro`) first")
+            raise UserError(f"{path}: no prepared dataset here; run `dvc repro prepare` (or `dvc repro`) "
+                            f"first")
         data = cls(root, json.loads(path.read_text()))
         for split in splits:
             if not data.has(split):
-                raise UserError(f"{root / f'{split}.npy'}: missing; run `dvc repro prepare` (or `dvc repro`) again")
+                raise UserError(f"{root / f'{split}.npy'}: missing; run `dvc repro prepare` (or `dvc repro`) "
+                                f"again")
         return data
 
     @classmethod
-    def of(cls, dataset: str, splits: tuple[str, ...] = ()) -> "PreparedDataset":
+    def of(cls, dataset: str, splits: tuple[str, ...] = ()) -> PreparedDataset:
         """The prepared data of data.dataset `dataset`, in data/prepared/<name>."""
         return cls.open(paths.PREPARED / folder_name(dataset), splits)
 

@@ -25,7 +25,8 @@ import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -162,7 +163,8 @@ def find_training_run(mlflow) -> str | None:
     digest = generators_sha256()
     if digest is None:
         return None
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.{GENERATORS_TAG} = '{digest}'",
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.{GENERATORS_TAG} = "
+                                                                           f"'{digest}'",
                               order_by=["attributes.start_time DESC"], output_format="list")
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     candidates = [r for r in runs if exp_name and r.data.tags.get("dvc_exp_name") == exp_name] or runs

@@ -121,6 +121,7 @@ def import_folder(src: Path, dest: Path, on_bad_image: str = "skip") -> str:
     message = f"{dest}: copied {n} images from {src} ({fmt_counts(counts)})"
     if skipped:
         first = skipped[0]
-        message += (f"; skipped {len(skipped)} entries that are not files (e.g. {first['file']}: {first['reason']}), "
+        message += (f"; skipped {len(skipped)} entries that are not files (e.g. {first['file']}: "
+                    f"{first['reason']}), "
                     f"listed in {DATA_REPORT} by prepare")
     return message

@@ -41,5 +41,6 @@ def main(cfg: Config, args=None) -> None:
         print("\nRuns:")
         print(comparison.table.to_string(index=False))
     note = f"; {linked} MLflow runs tagged with their dvc exp commit" if linked else ""
-    print(f"cyclegan compare: {len(comparison.table)} experiments in {len(summary)} settings from {source} -> "
+    print(f"cyclegan compare: {len(comparison.table)} experiments in {len(summary)} settings from {source} "
+          f"-> "
           f"{', '.join(map(str, files))}{note}", file=sys.stderr)

@@ -17,9 +17,11 @@ from ..vocabulary import A2B, DIRECTIONS, direction_named
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", metavar="NAME_OR_PATH",
-                        help=f"an official name ({', '.join(generator_authors.OFFICIAL)}) or a .pth file of the authors' code")
+                        help=f"an official name ({', '.join(generator_authors.OFFICIAL)}) or a .pth file of "
+                             f"the authors' code")
     parser.add_argument("--direction", choices=tuple(d.name for d in DIRECTIONS), default=A2B.name,
-                        help="what it translates in your dataset's terms: A2B (use as G_A, the default) or B2A "
+                        help="what it translates in your dataset's terms: A2B (use as G_A, the default) or "
+                             "B2A "
                              "(G_B, e.g. zebra2horse for horse2zebra)")
     parser.add_argument("--output", type=Path,
                         help=f"the file to write (default {paths.INIT}/<name>{generator_authors.SUFFIX})")

@@ -88,7 +88,8 @@ def _plan(cfg: Config, raw: Path) -> tuple[dict[str, Split], list[str]]:
             splits[name] = Split(name, folder, splits[test].files, cfg.data.crop_size, partner=test)
             splits[test].partner = name
             present = set(files)
-            splits[name].reasons = {i: f"missing; every {test}/ image needs a file of the same name in {name}/"
+            splits[name].reasons = {i: f"missing; every {test}/ image needs a file of the same name in "
+                                       f"{name}/"
                                     for i, f in enumerate(splits[test].files) if f not in present}
     return splits, ignored
 
@@ -280,7 +281,8 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
             write_json(report_path, report)
             first = next((x for x in skipped if x["file"].startswith(f"{empty[0]}/")), None)
             why = f"; first: {first['file']}: {first['reason']}" if first else ""
-            raise UserError(f"{raw / empty[0]}: no usable images ({counts[empty[0]]['skipped']} skipped{why}); "
+            raise UserError(f"{raw / empty[0]}: no usable images ({counts[empty[0]]['skipped']} "
+                            f"skipped{why}); "
                             f"all skipped files are listed in {report_path}")
 
         final = {}

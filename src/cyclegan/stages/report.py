@@ -22,7 +22,8 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -241,10 +242,12 @@ def _header(inputs: Inputs) -> str:
     last = inputs.losses.iloc[-1] if len(inputs.losses) else None
     facts = [
         ("dataset", cfg.data.dataset), ("image size", cfg.data.crop_size),
-        ("generator", f"{cfg.model.netG}, ngf {cfg.model.ngf}"), ("discriminator", f"{cfg.model.netD}, ndf {cfg.model.ndf}"),
+        ("generator", f"{cfg.model.netG}, ngf {cfg.model.ngf}"), ("discriminator", f"{cfg.model.netD}, ndf "
+                                                                                   f"{cfg.model.ndf}"),
         ("lambda_cycle", cfg.lambda_cycle), ("lambda_identity", cfg.lambda_identity),
         ("identity_weight_effective", cfg.identity_weight),
-        ("epochs", f"{last['epoch'] if last is not None else '?'} of {cfg.train.n_epochs + cfg.train.n_epochs_decay}"),
+        ("epochs", f"{last['epoch'] if last is not None else '?'} of "
+                   f"{cfg.train.n_epochs + cfg.train.n_epochs_decay}"),
         ("steps", last["step"] if last is not None else "?"), ("train.device", cfg.train.device),
     ]
     if inputs.run_id:
@@ -259,7 +262,8 @@ def _dataset_section(inputs: Inputs) -> str:
     if inputs.preview:
         parts.append(_img(inputs.preview, "dataset preview", zoom=True))
     else:
-        parts.append(f'<p class="muted">No {paths.DATASET_PREVIEW} (written by <code>dvc repro prepare</code>).</p>')
+        parts.append(f'<p class="muted">No {paths.DATASET_PREVIEW} (written by <code>dvc repro '
+                     f'prepare</code>).</p>')
     report = inputs.data_report or {}
     counts = report.get("counts")
     if isinstance(counts, dict):

@@ -39,9 +39,11 @@ REPORT = "translate_report.json"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--input", type=Path, help="a folder of images to translate (instead of the test sets)")
+    parser.add_argument("--input", type=Path, help="a folder of images to translate (instead of the test "
+                                                   "sets)")
     parser.add_argument("--generator", type=Path, default=paths.GENERATORS["G_A"],
-                        help="generator file for --input (models/G_A.safetensors: A->B, models/G_B.safetensors: "
+                        help="generator file for --input (models/G_A.safetensors: A->B, "
+                             "models/G_B.safetensors: "
                              "B->A; .pt files of cyclegan <= 0.1 are still read)")
     parser.add_argument("--output", type=Path,
                         help="output folder for --input (default: <input>_translated); replaced whole")
@@ -128,12 +130,14 @@ def _translate(cfg: Config, device: torch.device, args) -> None:
 def _check_output(source: Path, output: Path) -> None:
     """The output folder is replaced whole: never one that holds the input or files not ours."""
     if source.resolve() == output.resolve() or source.resolve().is_relative_to(output.resolve()):
-        raise UserError(f"--output {output}: holds the input folder {source}, and the output folder is replaced "
+        raise UserError(f"--output {output}: holds the input folder {source}, and the output folder is "
+                        f"replaced "
                         f"whole; choose another --output")
     if output.is_symlink() or (output.exists() and not output.is_dir()):
         raise UserError(f"--output {output}: exists and is not a folder; choose another --output")
     if output.is_dir() and any(output.iterdir()) and not (output / REPORT).is_file():
-        raise UserError(f"--output {output}: holds files that `cyclegan translate` did not write, and the output "
+        raise UserError(f"--output {output}: holds files that `cyclegan translate` did not write, and the "
+                        f"output "
                         f"folder is replaced whole; choose a new or empty folder")
 
 
@@ -148,10 +152,12 @@ def translate_folder(cfg: Config, device: torch.device, source: Path, generator:
     _check_output(source, output)
     entries = sorted(e for e in os.listdir(source) if not e.startswith("."))
     if not entries:
-        raise UserError(f"--input {source}: the folder is empty; put the images to translate there ({looked_for})")
+        raise UserError(f"--input {source}: the folder is empty; put the images to translate there "
+                        f"({looked_for})")
     names = [e for e in entries if images.is_image_name(e)]
     if not names:
-        raise UserError(f"--input {source}: no images among its {len(entries)} entries (looked for {looked_for})")
+        raise UserError(f"--input {source}: no images among its {len(entries)} entries (looked for "
+                        f"{looked_for})")
 
     skipped: list[dict[str, str]] = []
 
@@ -184,7 +190,8 @@ def translate_folder(cfg: Config, device: torch.device, source: Path, generator:
                             multiple=size_multiple(architecture.netG))
         if not n:
             first = skipped[0]
-            raise UserError(f"--input {source}: no usable images ({len(skipped)} skipped, first {first['file']}: "
+            raise UserError(f"--input {source}: no usable images ({len(skipped)} skipped, first "
+                            f"{first['file']}: "
                             f"{first['reason']})")
         failed = {x["file"] for x in skipped}
         report = {"input": str(source), "generator": str(generator), "on_bad_image": policy,
