@@ -200,24 +200,12 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
     name = folder_name(cfg.data.dataset)
     raw = raw_root / name
     splits, ignored = _plan(cfg, raw)
-    policy = cfg.data.on_bad_image
-    missing = next(((s, i, r) for s in splits.values() for i, r in s.reasons.items()), None)
-    if policy == "fail" and missing:  # a test image without its target
-        raise _bad(*missing)
-    # Entries of a user's folder that `download` left out of data/raw (links to nothing, FIFOs, ...):
-    # reported with the bad images, and as fatal.
-    marker = read_marker(raw) or {}
-    left_out = marker.get("skipped", [])
-    if policy == "fail" and left_out:
-        raise UserError(f"{Path(marker.get('source', raw)) / left_out[0]['file']}: {left_out[0]['reason']}; "
-                        f"fix or remove it, or set data.on_bad_image: skip in params.yaml")
-
+    left_out = _check_before_decoding(cfg, raw, splits)
     jobs = [(s, i) for s in splits.values() for i in range(len(s.files)) if i not in s.reasons]
     work = [images.Job(str(s.folder / s.files[i]), s.size, cfg.data.crop_size,
                        tuple(cfg.data.alpha_background), images.MAX_PIXELS) for s, i in jobs]
     n_workers = _workers(workers, (j.path for j in work))
-    modes: Counter[str] = Counter()
-    report = {"dataset": cfg.data.dataset, "name": name, "on_bad_image": policy,
+    report = {"dataset": cfg.data.dataset, "name": name, "on_bad_image": cfg.data.on_bad_image,
               "load_size": cfg.data.load_size, "crop_size": cfg.data.crop_size}
 
     with atomic_dir(prepared_root) as tmp_root:
@@ -227,86 +215,11 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
         # the end (_compact), so no split is ever held in memory whole.
         arrays = {s.name: _new_array(out / f"{s.name}.npy", (len(s.files), s.size, s.size, 3))
                   for s in splits.values()}
-        for s in splits.values():
-            s.ok, s.sha256 = [False] * len(s.files), [None] * len(s.files)
-        with tqdm(total=len(work), unit="img", desc=f"prepare {name}", disable=None, leave=False) as bar:
-            for (s, i), result in zip(jobs, _load_all(work, n_workers), strict=True):
-                bar.update()
-                if result.reason is not None:
-                    if policy == "fail":
-                        raise _bad(s, i, result.reason)
-                    s.reasons[i] = result.reason
-                    continue
-                arrays[s.name][i] = result.pixels
-                s.ok[i], s.sha256[i] = True, result.sha256
-                modes[result.mode] += 1
-
-        # A test image and its target are kept or dropped together.
-        for s in splits.values():
-            if s.partner:
-                p = splits[s.partner]
-                for i in range(len(s.files)):
-                    if s.ok[i] and not p.ok[i]:
-                        s.ok[i] = False
-                        s.reasons[i] = f"dropped with {p.name}/{p.files[i]} ({p.reasons.get(i, 'unusable')})"
-
-        skipped = [{"file": f"{s.name}/{s.files[i]}", "reason": s.reasons[i]}
-                   for s in splits.values() for i in sorted(s.reasons)]
-        counts = {s.name: {"found": len(s.files), "used": sum(s.ok), "skipped": len(s.files) - sum(s.ok)}
-                  for s in splits.values()}
-        for entry in left_out:
-            skipped.append(entry)
-            split = counts.get(entry["file"].split("/")[0])
-            if split is not None:
-                split["found"] += 1
-                split["skipped"] += 1
-        train_test, within = _duplicates(splits)
-        warnings = []
-        if train_test:
-            warnings.append(f"{len(train_test)} image(s) appear in both a training and a test split "
-                            f"(e.g. {' = '.join(train_test[0])}); all are listed under "
-                            f"duplicates.train_test in {report_path}")
-        report.update({
-            "counts": counts,
-            "images_used": sum(c["used"] for c in counts.values()),
-            "images_skipped": len(skipped),
-            "skipped": skipped,
-            "ignored_files": ignored,
-            "source_modes": dict(sorted(modes.items())),
-            "duplicates": {"train_test": train_test, "within_splits": within},
-            "warnings": warnings,
-        })
-        empty = [s for s in SPLITS if counts[s]["used"] == 0]
-        if empty:
-            write_json(report_path, report)
-            first = next((x for x in skipped if x["file"].startswith(f"{empty[0]}/")), None)
-            why = f"; first: {first['file']}: {first['reason']}" if first else ""
-            raise UserError(f"{raw / empty[0]}: no usable images ({counts[empty[0]]['skipped']} "
-                            f"skipped{why}); "
-                            f"all skipped files are listed in {report_path}")
-
-        final = {}
-        for s in splits.values():
-            keep = [i for i, ok in enumerate(s.ok) if ok]
-            arr = arrays.pop(s.name)
-            arr.flush()
-            final[s.name] = _compact(out / f"{s.name}.npy", arr, keep)
-            s.files = [s.files[i] for i in keep]
-        split_hashes = {k: {"shape": list(v.shape), "sha256": _array_sha256(v)} for k, v in final.items()}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": cfg.data.dataset, "name": name, "source": str(raw),
-            "load_size": cfg.data.load_size, "crop_size": cfg.data.crop_size,
-            "alpha_background": list(cfg.data.alpha_background),
-            "files": {s.name: s.files for s in splits.values()},
-            "counts": {k: len(v) for k, v in final.items()},
-            "arrays": split_hashes,
-            "content_sha256": hashlib.sha256(json.dumps(split_hashes, sort_keys=True).encode()).hexdigest(),
-            "skipped": len(skipped),
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        write_preview(final["trainA"], final["trainB"], preview_path)
-        del final
+        modes = _decode(splits, jobs, work, arrays, n_workers, cfg.data.on_bad_image, name)
+        _drop_partners_together(splits)
+        warnings = _complete_report(report, splits, left_out, ignored, modes, report_path)
+        _refuse_empty_splits(report, raw, report_path)
+        manifest = _write_arrays(cfg, splits, arrays, out, raw, name, len(report["skipped"]), preview_path)
 
     # The report is a DVC output, hashed: no timings or machine facts in it, only the terminal's.
     elapsed = time.perf_counter() - started
@@ -315,6 +228,124 @@ def run(cfg: Config, *, raw_root: Path = RAW, prepared_root: Path = PREPARED,
     for line in warnings:
         print(f"cyclegan prepare: warning: {line}", file=sys.stderr)
     summary = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
-    print(f"{prepared_root / name}: {summary} ({len(skipped)} skipped) in {elapsed:.1f} s "
+    print(f"{prepared_root / name}: {summary} ({len(report['skipped'])} skipped) in {elapsed:.1f} s "
           f"({len(work) / elapsed:.1f} images/s, {n_workers} worker{'s' * (n_workers > 1)})")
     return report
+
+
+def _check_before_decoding(cfg: Config, raw: Path, splits: dict[str, Split]) -> list[dict[str, str]]:
+    """Under data.on_bad_image: fail, what is already known bad stops the stage now; returns the
+    entries of a user's folder that `download` left out of data/raw (links to nothing, FIFOs, ...),
+    reported with the bad images."""
+    fail = cfg.data.on_bad_image == "fail"
+    missing = next(((s, i, r) for s in splits.values() for i, r in s.reasons.items()), None)
+    if fail and missing:  # a test image without its target
+        raise _bad(*missing)
+    marker = read_marker(raw) or {}
+    left_out = marker.get("skipped", [])
+    if fail and left_out:
+        raise UserError(f"{Path(marker.get('source', raw)) / left_out[0]['file']}: {left_out[0]['reason']}; "
+                        f"fix or remove it, or set data.on_bad_image: skip in params.yaml")
+    return left_out
+
+
+def _decode(splits: dict[str, Split], jobs: list[tuple[Split, int]], work: list[images.Job],
+            arrays: dict[str, np.memmap], n_workers: int, policy: str, name: str) -> Counter[str]:
+    """Every image into its row of its split's array; returns the count of each source colour mode."""
+    modes: Counter[str] = Counter()
+    for s in splits.values():
+        s.ok, s.sha256 = [False] * len(s.files), [None] * len(s.files)
+    with tqdm(total=len(work), unit="img", desc=f"prepare {name}", disable=None, leave=False) as bar:
+        for (s, i), result in zip(jobs, _load_all(work, n_workers), strict=True):
+            bar.update()
+            if result.reason is not None:
+                if policy == "fail":
+                    raise _bad(s, i, result.reason)
+                s.reasons[i] = result.reason
+                continue
+            arrays[s.name][i] = result.pixels
+            s.ok[i], s.sha256[i] = True, result.sha256
+            modes[result.mode] += 1
+    return modes
+
+
+def _drop_partners_together(splits: dict[str, Split]) -> None:
+    """A test image and its target are kept or dropped together."""
+    for s in splits.values():
+        if s.partner:
+            p = splits[s.partner]
+            for i in range(len(s.files)):
+                if s.ok[i] and not p.ok[i]:
+                    s.ok[i] = False
+                    s.reasons[i] = f"dropped with {p.name}/{p.files[i]} ({p.reasons.get(i, 'unusable')})"
+
+
+def _complete_report(report: dict, splits: dict[str, Split], left_out: list[dict[str, str]],
+                     ignored: list[str], modes: Counter[str], report_path: Path) -> list[str]:
+    """Counts, skipped files, duplicates into `report`; returns the warnings for the terminal."""
+    skipped = [{"file": f"{s.name}/{s.files[i]}", "reason": s.reasons[i]}
+               for s in splits.values() for i in sorted(s.reasons)]
+    counts = {s.name: {"found": len(s.files), "used": sum(s.ok), "skipped": len(s.files) - sum(s.ok)}
+              for s in splits.values()}
+    for entry in left_out:
+        skipped.append(entry)
+        split = counts.get(entry["file"].split("/")[0])
+        if split is not None:
+            split["found"] += 1
+            split["skipped"] += 1
+    train_test, within = _duplicates(splits)
+    warnings = []
+    if train_test:
+        warnings.append(f"{len(train_test)} image(s) appear in both a training and a test split "
+                        f"(e.g. {' = '.join(train_test[0])}); all are listed under "
+                        f"duplicates.train_test in {report_path}")
+    report.update({
+        "counts": counts,
+        "images_used": sum(c["used"] for c in counts.values()),
+        "images_skipped": len(skipped),
+        "skipped": skipped,
+        "ignored_files": ignored,
+        "source_modes": dict(sorted(modes.items())),
+        "duplicates": {"train_test": train_test, "within_splits": within},
+        "warnings": warnings,
+    })
+    return warnings
+
+
+def _refuse_empty_splits(report: dict, raw: Path, report_path: Path) -> None:
+    counts, skipped = report["counts"], report["skipped"]
+    empty = [s for s in SPLITS if counts[s]["used"] == 0]
+    if empty:
+        write_json(report_path, report)
+        first = next((x for x in skipped if x["file"].startswith(f"{empty[0]}/")), None)
+        why = f"; first: {first['file']}: {first['reason']}" if first else ""
+        raise UserError(f"{raw / empty[0]}: no usable images ({counts[empty[0]]['skipped']} skipped{why}); "
+                        f"all skipped files are listed in {report_path}")
+
+
+def _write_arrays(cfg: Config, splits: dict[str, Split], arrays: dict[str, np.memmap], out: Path, raw: Path,
+                  name: str, n_skipped: int, preview_path: Path) -> dict:
+    """The arrays without their skipped rows, the manifest and the preview; returns the manifest."""
+    final = {}
+    for s in splits.values():
+        keep = [i for i, ok in enumerate(s.ok) if ok]
+        arr = arrays.pop(s.name)
+        arr.flush()
+        final[s.name] = _compact(out / f"{s.name}.npy", arr, keep)
+        s.files = [s.files[i] for i in keep]
+    split_hashes = {k: {"shape": list(v.shape), "sha256": _array_sha256(v)} for k, v in final.items()}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": cfg.data.dataset, "name": name, "source": str(raw),
+        "load_size": cfg.data.load_size, "crop_size": cfg.data.crop_size,
+        "alpha_background": list(cfg.data.alpha_background),
+        "files": {s.name: s.files for s in splits.values()},
+        "counts": {k: len(v) for k, v in final.items()},
+        "arrays": split_hashes,
+        "content_sha256": hashlib.sha256(json.dumps(split_hashes, sort_keys=True).encode()).hexdigest(),
+        "skipped": n_skipped,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_preview(final["trainA"], final["trainB"], preview_path)
+    del final
+    return manifest
