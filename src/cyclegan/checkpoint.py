@@ -10,11 +10,12 @@ Files are written atomically (a temp file renamed into place), so a run killed m
 the previous checkpoints intact; `load_latest` also skips a newest file that does not load.
 
 Each run keeps its checkpoints in a folder of its own, models/checkpoints/<fingerprint>/, named by
-what defines the result (`fingerprint`: the params, the data and the training code). A run of other params starts in
-its own folder and leaves the others as they are; nothing is deleted but by `--fresh`, which
-clears this run's folder. How the run executes (precision, memory layout, deterministic kernels,
-device) may change between a run and its resumption; the number of processes may not, since each
-process's image pools and RNG streams are part of the state (`open_run`).
+what defines the result (`fingerprint`: the params, the data and the training code). A run of
+other params starts in its own folder and leaves the others as they are; nothing is deleted but by
+`--fresh`, which clears this run's folder. How the run executes (precision, memory layout,
+deterministic kernels, device) may change between a run and its resumption; the number of
+processes may not, since each process's image pools and RNG streams are part of the state
+(`open_run`).
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every
                              "eval_every", "max_steps", "compile", "channels_last", "deterministic")
 
 
-def fingerprint(cfg: Config, data_hash: str, code_hash: str, init_hashes: dict[str, str] | None = None) -> str:
+def fingerprint(cfg: Config, data_hash: str, code_hash: str,
+                init_hashes: dict[str, str] | None = None) -> str:
     """The run a checkpoint belongs to: every param that defines what is trained, the data, and
     the code that trains it (cyclegan.code_closure: a change there makes DVC rerun the stage, and a
     resumed run would mix two versions of the algorithm), and the content (sha256) of the

@@ -44,7 +44,8 @@ DEFAULT_PARAM = "lambda_identity"
 DEFAULT_METRICS = COMPARED
 SOURCES = ("dvc", "mlflow")
 ID_COLUMNS = ("experiment", "id")
-OUTPUTS = ("compare.csv", "compare_settings.csv", "compare_differences.csv", "compare.md", "compare.png")  # in reports/
+OUTPUTS = ("compare.csv", "compare_settings.csv", "compare_differences.csv", "compare.md",
+           "compare.png")  # in reports/
 SEED = "seed"  # runs that differ only in this param are repeats of one setting
 DERIVED = ("identity_weight_effective",)  # a function of other params: never tells settings apart
 CONFIDENCE = 0.95
@@ -180,7 +181,8 @@ class Comparison:
 def known_params(df: pd.DataFrame) -> list[str]:
     """The columns of `df` that are pipeline params (params.yaml keys, identity_weight_effective)
     that can change a result: not `tracking.*`, which only says where a run is recorded."""
-    names = {k for k in flatten(Config().to_dict()) if not k.startswith("tracking.")} | {"identity_weight_effective"}
+    names = ({k for k in flatten(Config().to_dict()) if not k.startswith("tracking.")}
+             | {"identity_weight_effective"})
     return [c for c in df.columns if c in names]
 
 
@@ -337,7 +339,10 @@ def to_markdown(table: pd.DataFrame) -> str:
 def _mean_cell(row: pd.Series, metric: str, n: int) -> str:
     """mean ± std [95% interval], 4 significant digits; the metric's n where some runs lack it."""
     mean, std, low, high, k = (row[f"{metric}_{x}"] for x in ("mean", "std", "ci_low", "ci_high", "n"))
-    text = _text(mean, 4) if math.isnan(std) else f"{_text(mean, 4)} ± {_text(std, 3)} [{_text(low, 4)}, {_text(high, 4)}]"
+    if math.isnan(std):
+        text = _text(mean, 4)
+    else:
+        text = f"{_text(mean, 4)} ± {_text(std, 3)} [{_text(low, 4)}, {_text(high, 4)}]"
     return text + (f" (n={k})" if k != n else "")
 
 
@@ -370,7 +375,8 @@ def report_markdown(comparison: Comparison, summary: pd.DataFrame, diffs: pd.Dat
              "Setting minus the other, with the 95% interval of the difference (Welch). A difference "
              "exceeds the seed spread when its interval excludes 0; n/a: a setting with fewer than 2 "
              f"runs (add seeds: `-S {SEED}=0,1,2`).\n"]
-    parts.append(to_markdown(differences_table(diffs)) if len(diffs) else "One setting: nothing to compare.\n")
+    parts.append(to_markdown(differences_table(diffs)) if len(diffs)
+                 else "One setting: nothing to compare.\n")
     parts += ["## Runs\n", to_markdown(comparison.table)]
     return "\n".join(parts)
 
@@ -413,7 +419,8 @@ def plot_figure(comparison: Comparison):
             mean = summary.loc[part, f"{metric}_mean"].to_numpy(dtype=float)
             below = np.nan_to_num(mean - summary.loc[part, f"{metric}_ci_low"].to_numpy(dtype=float))
             above = np.nan_to_num(summary.loc[part, f"{metric}_ci_high"].to_numpy(dtype=float) - mean)
-            name = ", ".join(f"{c}={v}" for c, v in zip(others, key)) or ("mean, 95% interval" if repeated else None)
+            name = (", ".join(f"{c}={v}" for c, v in zip(others, key))
+                    or ("mean, 95% interval" if repeated else None))
             order = np.argsort(x_settings[part].to_numpy(dtype=float))
             ax.errorbar(x_settings[part].to_numpy(dtype=float)[order], mean[order],
                         yerr=[below[order], above[order]] if repeated else None,

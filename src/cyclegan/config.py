@@ -275,7 +275,8 @@ def _check(cfg: Config) -> None:
         fail("train.n_epochs", "plus train.n_epochs_decay must be >= 1 (0 only with train.init_from, "
              "to evaluate those generators as they are)")
     if cfg.data.crop_size > cfg.data.load_size:
-        fail("data.crop_size", f"({cfg.data.crop_size}) must not exceed data.load_size ({cfg.data.load_size})")
+        fail("data.crop_size", f"({cfg.data.crop_size}) must not exceed data.load_size "
+                               f"({cfg.data.load_size})")
     if any(not 0 <= c <= 255 for c in cfg.data.alpha_background):
         fail("data.alpha_background", "must hold three values in 0..255")
     multiple = size_multiple(cfg.model.netG)

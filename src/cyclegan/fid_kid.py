@@ -103,7 +103,8 @@ class InceptionScorer:
 
     @classmethod
     def from_config(cls, settings: EvalConfig) -> InceptionScorer:
-        return cls(inception.resolve(settings.inception_weights), resolve_device(settings.device, "eval.device").type,
+        return cls(inception.resolve(settings.inception_weights),
+                   resolve_device(settings.device, "eval.device").type,
                    settings.batch_size)
 
     @property
@@ -151,7 +152,8 @@ class InceptionScorer:
             feats = extract_featuresdict_from_input_id_cached(1, self.extractor(), **kwargs)[layer]
             if len(feats) != len(images) and name is not None:
                 # A cache file that does not describe this array (an interrupted or foreign write).
-                (self.cache_root / f"{name}-{inception.FEATURE_EXTRACTOR}-features-{layer}.pt").unlink(missing_ok=True)
+                cached = self.cache_root / f"{name}-{inception.FEATURE_EXTRACTOR}-features-{layer}.pt"
+                cached.unlink(missing_ok=True)
                 feats = extract_featuresdict_from_input_id_cached(1, self.extractor(), **kwargs)[layer]
         return feats.numpy()
 
@@ -187,8 +189,10 @@ def fid_kid(fake: np.ndarray, real: np.ndarray, cfg: Config) -> dict[str, float]
     return _scorer(cfg.eval).fid_kid(fake, real)
 
 
-def translation_scores(scorer: InceptionScorer, fake_A2B: np.ndarray, fake_B2A: np.ndarray, real_A: np.ndarray,
-                       real_B: np.ndarray, cache_reals: bool = True) -> tuple[dict[str, float], dict[str, int]]:
+def translation_scores(scorer: InceptionScorer, fake_A2B: np.ndarray, fake_B2A: np.ndarray,
+                       real_A: np.ndarray,
+                       real_B: np.ndarray, cache_reals: bool = True) -> tuple[dict[str, float],
+                                                                              dict[str, int]]:
     """FID, KID and KID std of A2B (against real B), B2A (against real A) and the baseline of doing
     nothing (real A against real B), as fid_<name>, kid_<name>, kid_std_<name>; and the KID subset
     size of each, fixed before any extraction."""

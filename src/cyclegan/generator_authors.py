@@ -78,7 +78,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: a folder; give the generator file in it (latest_net_G_A.pth, ...)") from None
+        raise UserError(f"{path}: a folder; give the generator file in it "
+                        f"(latest_net_G_A.pth, ...)") from None
     except Exception as e:  # noqa: BLE001 - each kind of unreadable file gets its one line below
         text = str(e)
         # torch's safe unpickler names the function or class a pickle would import and call.
@@ -131,7 +132,8 @@ def infer(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
         _check_rgb(path, "model.model.0.weight", first.shape[1], "input")
         depth = max(k.count("model.") for k in state) - 1
         if depth not in _UNET_DEPTHS:
-            raise UserError(f"{path}: a U-Net of {depth} levels; cyclegan builds 7 (unet_128) or 8 (unet_256)")
+            raise UserError(f"{path}: a U-Net of {depth} levels; cyclegan builds 7 (unet_128) "
+                            f"or 8 (unet_256)")
         netG, ngf = _UNET_DEPTHS[depth], first.shape[0]
         norm_key, bias_key = "model.model.1.model.2.weight", "model.model.1.model.1.bias"
         # A U-Net's dropout layers hold no weights: nothing in the file tells, and evaluation

@@ -81,7 +81,8 @@ def entry_problem(path: str | Path) -> str | None:
     kind = stat.S_IFMT(st.st_mode)
     if kind != stat.S_IFREG:
         what = _KINDS.get(kind, "a special file")
-        return f"symbolic link to {what} ({os.readlink(path)}), not to a file" if link else f"{what}, not a file"
+        return (f"symbolic link to {what} ({os.readlink(path)}), not to a file" if link
+                else f"{what}, not a file")
     if not os.access(path, os.R_OK):
         return "cannot read (permission denied)"
     return None

@@ -159,7 +159,8 @@ def _has_zero_classifier(path: Path) -> bool:
         # No mmap: torch-fidelity's 2020 release file may predate the zip format mmap needs.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"eval.inception_weights: {path} is not a readable PyTorch weights file ({e})") from None
+        raise UserError(f"eval.inception_weights: {path} is not a readable PyTorch weights file "
+                        f"({e})") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if fc is None:
         raise UserError(

@@ -62,7 +62,8 @@ class CycleGAN:
         self.cfg, self.device, self.bf16, self.memory_format = cfg, device, bf16, memory_format
         t, m = cfg.train, cfg.model
         self.nets: dict[str, nn.Module] = {
-            k: v.to(device=device, memory_format=memory_format) for k, v in build_networks(m, cfg.seed).items()}
+            k: v.to(device=device, memory_format=memory_format)
+            for k, v in build_networks(m, cfg.seed).items()}
         self._run = dict(self.nets)                                # what the step calls
         self._judge = {k: self.nets[k] for k in ("D_A", "D_B")}    # D in the G phase, see `wrap`
 
@@ -185,7 +186,8 @@ class CycleGAN:
         with warnings.catch_warnings():
             # A run resumed at the end of an epoch steps the schedulers before this process has
             # stepped an optimizer, which torch mistakes for the pre-1.1 call order.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                    category=UserWarning)
             self.sched_G.step()
             self.sched_D.step()
 

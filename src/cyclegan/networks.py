@@ -150,7 +150,8 @@ class PixelDiscriminator(nn.Module):
         return self.model(x)
 
 
-def init_weights(net: nn.Module, init_type: str, gain: float, generator: torch.Generator | None = None) -> None:
+def init_weights(net: nn.Module, init_type: str, gain: float,
+                 generator: torch.Generator | None = None) -> None:
     """Official initialisation: conv weights from `init_type` with `gain`, biases 0, BN weights N(1, gain)."""
     def init(m: nn.Module) -> None:
         name = type(m).__name__

@@ -58,7 +58,8 @@ def build_model(cfg: Config, device: torch.device, ddp: Distributed) -> CycleGAN
             # statistics, used at test time; rank 0's are the ones saved either way, and
             # overwriting them before D's second forward of a step would modify tensors
             # that autograd saved in the first.
-            net = DistributedDataParallel(net, device_ids=[device] if cuda else None, forward_sync_buffers=False)
+            net = DistributedDataParallel(net, device_ids=[device] if cuda else None,
+                                          forward_sync_buffers=False)
         return torch.compile(net, dynamic=False) if t.compile else net
 
     model.wrap(wrap)

@@ -217,7 +217,8 @@ def reattach(cfg: Config) -> Iterator[Any]:
         yield mlflow
 
 
-def log_dataset(mlflow, name: str, root: Path, manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+def log_dataset(mlflow, name: str, root: Path, manifest: dict[str, Any],
+                shapes: dict[str, tuple[int, ...]]) -> None:
     """The prepared data the run trains on, as the run's "training" dataset input.
 
     A dataset input, not a tag, so the MLflow UI lists it with the run and finds every run of
@@ -232,7 +233,8 @@ def log_dataset(mlflow, name: str, root: Path, manifest: dict[str, Any], shapes:
     content = str(manifest.get("content_sha256") or "")
     if not content:
         raise UserError(f"{root / 'manifest.json'}: no content_sha256; run `dvc repro prepare` again")
-    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape[1:]), name=split) for split, shape in shapes.items()])
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *shape[1:]), name=split)
+                     for split, shape in shapes.items()])
     # Named "local" outright: resolving a path finds two equivalent local source types, with a warning.
     # The path in the project, not the absolute one: a queued experiment runs in a temp copy.
     source = get_dataset_source_from_json(json.dumps({"uri": str(root)}), source_type="local")

@@ -116,8 +116,8 @@ def import_folder(src: Path, dest: Path, on_bad_image: str = "skip") -> str:
     with atomic_dir(dest) as tmp:
         n = _link_or_copy(src, tmp, found)
         counts = split_counts(tmp)
-        write_marker(tmp, {"kind": "folder", "dataset": dest.name, "source": str(src.resolve()), "counts": counts,
-                           "skipped": skipped})
+        write_marker(tmp, {"kind": "folder", "dataset": dest.name, "source": str(src.resolve()),
+                           "counts": counts, "skipped": skipped})
     message = f"{dest}: copied {n} images from {src} ({fmt_counts(counts)})"
     if skipped:
         first = skipped[0]

@@ -125,7 +125,8 @@ def http_download(url: str, part: Path, *, name: str, retries: int | None = None
         failures = 1 if progressed else failures + 1
         if failures >= retries and not progressed:
             kept = part.stat().st_size if part.exists() else 0
-            resume = f"; the {kept} bytes fetched are kept in {part} for the next run to resume" if kept else ""
+            resume = (f"; the {kept} bytes fetched are kept in {part} for the next run to resume"
+                      if kept else "")
             raise UserError(f"cannot download {url} ({error}; {retries} attempts); {fix}{resume}")
         delay = min(backoff * 2 ** (failures - 1), MAX_BACKOFF_S)
         print(f"{url}: {error}; retrying in {delay:.3g} s", file=sys.stderr)

@@ -30,7 +30,8 @@ def add_arguments(parser) -> None:
 def main(cfg: Config, args=None) -> None:
     source = getattr(args, "source", None) or "dvc"
     linked = tracking.link_experiment_commits()
-    comparison = compare(source, getattr(args, "param", None) or DEFAULT_PARAM, getattr(args, "metrics", None))
+    comparison = compare(source, getattr(args, "param", None) or DEFAULT_PARAM,
+                         getattr(args, "metrics", None))
     files = write_outputs(comparison)
     summary, diffs = summarize(comparison), differences(comparison)
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.max_colwidth", 60):

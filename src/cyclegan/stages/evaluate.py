@@ -98,16 +98,19 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
     size = real[A2B.source].shape[1:3]
     fakes, resized = {}, {}
     for d in DIRECTIONS:
-        fakes[d.name], resized[d.name] = load_translations(paths.TRANSLATED / d.name, data.names(d.source), size)
+        fakes[d.name], resized[d.name] = load_translations(paths.TRANSLATED / d.name, data.names(d.source),
+                                                           size)
 
     scorer = scorer or InceptionScorer.from_config(cfg.eval)
     metrics: dict[str, Any]
-    metrics, subsets = translation_scores(scorer, fakes[A2B.name], fakes[B2A.name], real[A2B.source], real[B2A.source])
+    metrics, subsets = translation_scores(scorer, fakes[A2B.name], fakes[B2A.name], real[A2B.source],
+                                          real[B2A.source])
 
     has_truth = all(data.has(d.target_ground_truth) for d in DIRECTIONS)
     if has_truth:
         for d in DIRECTIONS:
-            errs = ground_truth_errors(real[d.source], fakes[d.name], np.asarray(data.array(d.target_ground_truth)))
+            errs = ground_truth_errors(real[d.source], fakes[d.name],
+                                       np.asarray(data.array(d.target_ground_truth)))
             for key, value in errs["translation"].items():
                 metrics[ground_truth(key, d)] = value
             for key, value in errs["identity"].items():
@@ -123,7 +126,8 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
         "reference": {**{d.name: d.target for d in DIRECTIONS}, BASELINE: f"{A2B.source} vs {A2B.target}"},
         "image_size": list(size),
         "inception_input": "torch-fidelity's TF1-compatible bilinear resize to 299x299",
-        "counts": {**{split: len(real[split]) for split in TEST_SPLITS}, **{d.name: len(fakes[d.name]) for d in DIRECTIONS}},
+        "counts": {**{split: len(real[split]) for split in TEST_SPLITS},
+                   **{d.name: len(fakes[d.name]) for d in DIRECTIONS}},
         "translations_resized": resized,
         "kid_subset_size": subsets,
         "kid_subsets": KID_SUBSETS,
@@ -153,7 +157,8 @@ def log_to_mlflow(cfg: Config, result: dict[str, Any]) -> None:
 def main(cfg: Config, args=None) -> None:
     result = evaluate(cfg)
     log_to_mlflow(cfg, result)
-    shown = (*(metric(FID, s) for s in (A2B.name, B2A.name, BASELINE)), *(metric(KID, d.name) for d in DIRECTIONS))
+    shown = (*(metric(FID, s) for s in (A2B.name, B2A.name, BASELINE)),
+             *(metric(KID, d.name) for d in DIRECTIONS))
     summary = ", ".join(f"{k} {result[k]:.4g}" for k in shown)
     gt, gt_identity = ground_truth("l1", A2B), ground_truth("l1", A2B, identity=True)
     if gt in result:

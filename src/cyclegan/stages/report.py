@@ -37,7 +37,8 @@ from ..errors import UserError
 from ..figures import SAMPLE_ROWS, figure_png, png_bytes, pyplot, sample_grid
 from ..fileio import atomic_path, write_text
 from ..generator_file import load_generator
-from ..vocabulary import DIRECTIONS, FID, KID, KID_STD, PER_EPOCH, SCORED, TEST_SPLITS, direction_named, during_training, metric
+from ..vocabulary import (DIRECTIONS, FID, KID, KID_STD, PER_EPOCH, SCORED, TEST_SPLITS, direction_named,
+                          during_training, metric)
 
 REPORT = paths.REPORTS / "index.html"
 LOSS_PNG = paths.REPORTS / "loss_curves.png"
@@ -138,10 +139,12 @@ def read_local_inputs(cfg: Config) -> Inputs:
         raise UserError(f"{paths.TRAIN_LOSSES}: no step/epoch/lr columns; run `dvc repro train` again")
     try:
         per_epoch = pd.read_csv(paths.TRAIN_EVAL)
-        epoch_history = {during_training(k): [(int(e), float(v)) for e, v in zip(per_epoch["epoch"], per_epoch[k])]
+        epoch_history = {during_training(k): [(int(e), float(v))
+                                              for e, v in zip(per_epoch["epoch"], per_epoch[k])]
                          for k in per_epoch.columns if k != "epoch" and len(per_epoch)}
     except (ValueError, KeyError, pd.errors.EmptyDataError):
-        raise UserError(f"{paths.TRAIN_EVAL}: not a per-epoch FID/KID table; run `dvc repro train` again") from None
+        raise UserError(f"{paths.TRAIN_EVAL}: not a per-epoch FID/KID table; "
+                        f"run `dvc repro train` again") from None
 
     device = resolve_device(cfg.eval.device, "eval.device")
     nets = {d.generator: load_generator(generators[d.generator], device) for d in DIRECTIONS}
@@ -251,7 +254,8 @@ def _header(inputs: Inputs) -> str:
         ("steps", last["step"] if last is not None else "?"), ("train.device", cfg.train.device),
     ]
     if inputs.run_id:
-        facts.append(("MLflow run", f"{inputs.run_name} ({inputs.run_id})" if inputs.run_name else inputs.run_id))
+        run = f"{inputs.run_name} ({inputs.run_id})" if inputs.run_name else inputs.run_id
+        facts.append(("MLflow run", run))
     return (f"<h1>CycleGAN report: {html.escape(cfg.data.dataset)}</h1>\n"
             f'<p class="muted">Written by <code>cyclegan report</code> from the outputs of '
             f"<code>dvc repro</code>; self-contained, works offline.</p>\n{_table(facts)}")
@@ -333,7 +337,8 @@ def _metrics_section(inputs: Inputs) -> str:
     protocol = ev.get("protocol")
     if isinstance(protocol, dict):
         parts += ["<h3>Protocol</h3>", _table(protocol.items(), ("", ""))]
-    parts += [f"<h3>Training ({paths.TRAIN_METRICS})</h3>", _table(sorted(inputs.train.items()), ("metric", "value"))]
+    parts += [f"<h3>Training ({paths.TRAIN_METRICS})</h3>",
+              _table(sorted(inputs.train.items()), ("metric", "value"))]
     return _section("metrics", f"Metrics ({paths.EVAL_DETAILS})", "\n".join(parts))
 
 
@@ -348,7 +353,8 @@ def _comparison_section(comparison: Comparison, run_id: str) -> str:
     intro = (f'<p class="muted">Finished runs of the MLflow experiment "{tracking.EXPERIMENT}", by '
              f"{html.escape(comparison.param)}; <code>cyclegan compare</code> writes the same table "
              "to reports/compare.csv.</p>")
-    return _section("experiments", "Experiments", intro + body + _img(plot_png(comparison), "metrics vs param"))
+    return _section("experiments", "Experiments",
+                    intro + body + _img(plot_png(comparison), "metrics vs param"))
 
 
 def render(inputs: Inputs, figures: dict[str, bytes | None], with_run: bool = False) -> str:

@@ -161,7 +161,8 @@ def _open_dataset(cfg: Config, ddp: Distributed) -> tuple[PreparedDataset, Unpai
     return data, dataset, epoch_size
 
 
-def _open_checkpoint(fp: str, execution: dict[str, Any], fresh: bool, ddp: Distributed) -> dict[str, Any] | None:
+def _open_checkpoint(fp: str, execution: dict[str, Any], fresh: bool,
+                     ddp: Distributed) -> dict[str, Any] | None:
     """Rank 0 reads the run's newest checkpoint and hands it, or its one-line error, to every rank."""
     found: tuple[dict[str, Any] | None, str | None] = (None, None)
     if ddp.main:
@@ -229,7 +230,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
     t_start = time.perf_counter()
     with tracked as mlflow:
         logged = _start_logging(run, mlflow)
-        bar = tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True,
+        bar = tqdm(total=run.total_steps, initial=run.progress.step, desc="train", unit="step",
+                   dynamic_ncols=True,
                    disable=None if ddp.main else True)
         while not run.done:
             _train_epoch(run, mlflow, logged, bar)
@@ -250,7 +252,8 @@ def _set_up(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool) ->
     initial = generator_init.load(cfg)
     for name, init in initial.items():  # every rank loads the same file: the ranks stay in step
         model.nets[name].load_state_dict(init.state_dict)
-    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""), code_closure.sources_sha256("train"),
+    fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""),
+                                code_closure.sources_sha256("train"),
                                 {name: init.sha256 for name, init in initial.items()})
     folder = checkpoint.run_folder(paths.CHECKPOINTS, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
@@ -266,7 +269,8 @@ def _set_up(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool) ->
         load_shared_state(model, state["model"])
         load_process_state(model, state["ranks"][ddp.rank])
         run.progress = Progress(state["epoch"], state["position"], state["step"])
-        run.history, run.eval_history, run.run_id = state["history"], state["eval_history"], state["mlflow_run_id"]
+        run.history, run.eval_history = state["history"], state["eval_history"]
+        run.run_id = state["mlflow_run_id"]
         del state  # the loaded copy of every tensor is no longer needed
     if ddp.main:
         _print_plan(run)
@@ -389,7 +393,8 @@ def _save_checkpoint(run: Run) -> None:
         checkpoint.save({"model": shared_state(run.model), "ranks": ranks, "epoch": progress.epoch,
                          "position": progress.position, "step": progress.step, "history": run.history,
                          "eval_history": run.eval_history, "mlflow_run_id": run.run_id,
-                         "fingerprint": run.fingerprint, "config": run.cfg.to_dict(), "execution": run.execution},
+                         "fingerprint": run.fingerprint, "config": run.cfg.to_dict(),
+                         "execution": run.execution},
                         run.folder, progress.step, run.cfg.train.keep_checkpoints)
         _write_csv(paths.TRAIN_LOSSES, run.history)
 
@@ -411,11 +416,13 @@ def _finish(run: Run, mlflow, elapsed: float) -> None:
     timing = {"images_per_s_this_run": run.images_seen / elapsed if run.images_seen else 0.0,
               "train_seconds_this_run": elapsed}
     mlflow.log_metrics({**{f"final_{k}": v for k, v in final.items()}, **timing}, step=progress.step)
-    mlflow.set_tags({"processes": run.ddp.world, "global_batch": run.global_batch, "device_used": run.device.type})
+    mlflow.set_tags({"processes": run.ddp.world, "global_batch": run.global_batch,
+                     "device_used": run.device.type})
     mlflow.log_artifact(str(paths.TRAIN_LOSSES))
     tracking.tag_generators(mlflow)
     # Each model's input example: the first test image of its source domain.
-    generator_mlflow.log_generators(mlflow, cfg, {d.name: np.array(data.array(d.source)[:1]) for d in DIRECTIONS},
+    generator_mlflow.log_generators(mlflow, cfg,
+                                    {d.name: np.array(data.array(d.source)[:1]) for d in DIRECTIONS},
                                     progress.step)
     print(f"cyclegan train: {progress.step} steps, {run.images_seen} images in {elapsed:.0f} s this run "
           f"({timing['images_per_s_this_run']:.2f} images/s)")

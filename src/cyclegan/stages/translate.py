@@ -106,11 +106,13 @@ def translate_test_sets(cfg: Config, device: torch.device) -> None:
             folder.mkdir()
             if cfg.eval.full_resolution:
                 raw = paths.RAW / name / split
-                translate_files(net, [raw / f for f in data.names(split)], folder, None, device, direction.name,
+                translate_files(net, [raw / f for f in data.names(split)], folder, None, device,
+                                direction.name,
                                 cfg.data.alpha_background, multiple=size_multiple(architecture.netG))
                 continue
             fakes = translate_array(net, np.asarray(data.array(split)), cfg.eval.batch_size, device)
-            for fname, fake in zip(tqdm(data.names(split), desc=direction.name, unit="img", disable=None), fakes):
+            for fname, fake in zip(tqdm(data.names(split), desc=direction.name, unit="img", disable=None),
+                                   fakes):
                 Image.fromarray(fake).save(folder / paths.translated_name(fname))
 
 
