@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import torch
 
-from cyclegan.prepared_data import PositionSampler, UnpairedTrainSet, to_tensor, to_uint8
+from cyclegan.image_tensors import to_tensor, to_uint8
+from cyclegan.prepared_data import PositionSampler, UnpairedTrainSet
 
 SIZE, N = 8, 400
 

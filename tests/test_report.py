@@ -18,7 +18,7 @@ from PIL import Image
 
 from cyclegan import cli, paths, tracking
 from cyclegan.config import config_from_dict
-from cyclegan.prepared_data import to_tensor, to_uint8
+from cyclegan.image_tensors import to_tensor, to_uint8
 from cyclegan.errors import UserError
 from cyclegan.generator_file import load_generator, save_generator
 from cyclegan.model import LOSS_TERMS

@@ -27,7 +27,7 @@ def sample_grid(images: np.ndarray, forward: torch.nn.Module, backward: torch.nn
     import torch
     import torchvision
 
-    from .prepared_data import to_tensor
+    from .image_tensors import to_tensor
 
     with torch.no_grad():
         real = to_tensor(images).to(device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .prepared_data import to_tensor, to_uint8
+from .image_tensors import to_tensor, to_uint8
 from .errors import UserError
 from .fileio import atomic_path
 from .networks import build_generator

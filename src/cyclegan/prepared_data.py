@@ -64,19 +64,6 @@ class PreparedDataset:
         return self.manifest["files"][split]
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the generators' range."""
-    # A copy: the arrays are read-only memory maps, which torch must not alias.
-    t = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2)
-    return t.float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as PIL would."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def batch_to_device(images: torch.Tensor, device: torch.device,
                     memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A loader's uint8 (N, 3, H, W) batch as floats in [-1, 1] on `device`.
