@@ -24,7 +24,7 @@ repro: install
 test: install
 	$(PY) -m pytest -q
 
-# The tests without the end-to-end DVC runs (`slow`): under 3 minutes on 2 idle cores.
+# The tests without the end-to-end DVC runs (`slow`), for working on the code; `make test` runs all.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
