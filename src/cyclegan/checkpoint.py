@@ -16,13 +16,23 @@ other params starts in its own folder and leaves the others as they are; nothing
 deterministic kernels, device) may change between a run and its resumption; the number of
 processes may not, since each process's image pools and RNG streams are part of the state
 (`open_run`).
+
+One process at a time trains a run: `hold_run` locks its folder for as long as training lasts, so
+a second process with the same fingerprint (an experiment queued twice, a re-queued one whose
+first attempt still runs) stops with one line instead of interleaving checkpoints with the first.
+The lock is the kernel's (flock): it goes with the process, however it dies.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import random
 import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,7 @@ from .errors import UserError
 from .fileio import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
+LOCK = "training.lock"
 # Params that define what is trained are in the fingerprint; these (logging, checkpoint cadence,
 # where it runs, and options that change the rounding but not the arithmetic) may change between a
 # run and its resumption. The precision setting is in the fingerprint: bf16 is other arithmetic,
@@ -129,6 +140,28 @@ def clear(folder: Path) -> None:
 
 def run_folder(root: Path, fingerprint: str) -> Path:
     return root / fingerprint
+
+
+@contextmanager
+def hold_run(folder: Path) -> Iterator[None]:
+    """Train the run in `folder` alone while this is held, or stop with one line naming who trains it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{folder} is being trained by {holder}: this run has the same params, data and "
+                            f"code. Wait for it to finish (run again then and this one resumes from its "
+                            f"checkpoints), or stop it first") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # the next holder writes its own name; a stale one must not linger
 
 
 def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: bool) -> dict[str, Any] | None:

@@ -38,27 +38,10 @@ EXPERIMENT = "cyclegan"
 STORE = "mlflow.db"
 REQUIREMENTS_LOCK = "requirements.lock"
 EXP_COMMIT_TAG = "dvc_exp_commit"
-_EXP_TMP = os.path.join(".dvc", "tmp", "exps")
-
-
-def project_root() -> Path:
-    """The project root, also from inside a queued experiment's copy under .dvc/tmp/exps/.
-
-    DVC sets DVC_ROOT for stage commands (for queued experiments: the parent repo's root);
-    outside DVC the path itself tells.
-    """
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    cwd = Path.cwd().resolve()
-    text = str(cwd)
-    marker = os.sep + _EXP_TMP + os.sep
-    if marker in text:
-        return Path(text.split(marker)[0])
-    return cwd
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / STORE}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.project_root() / STORE}"
 
 
 def _quiet() -> None:
@@ -134,7 +117,8 @@ def _use_experiment(mlflow) -> None:
         # first; a queued experiment's cwd is a temp copy that DVC deletes. Pin them to the root.
         if mlflow.get_experiment_by_name(EXPERIMENT) is None and tracking_uri().startswith("sqlite:"):
             try:
-                mlflow.create_experiment(EXPERIMENT, artifact_location=(project_root() / "mlruns").as_uri())
+                mlflow.create_experiment(EXPERIMENT,
+                                         artifact_location=(paths.project_root() / "mlruns").as_uri())
             except mlflow.exceptions.MlflowException:
                 pass  # created meanwhile by a parallel queued experiment
         mlflow.set_experiment(EXPERIMENT)

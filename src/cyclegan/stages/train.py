@@ -161,13 +161,15 @@ def _open_dataset(cfg: Config, ddp: Distributed) -> tuple[PreparedDataset, Unpai
     return data, dataset, epoch_size
 
 
-def _open_checkpoint(fp: str, execution: dict[str, Any], fresh: bool,
-                     ddp: Distributed) -> dict[str, Any] | None:
-    """Rank 0 reads the run's newest checkpoint and hands it, or its one-line error, to every rank."""
+def _open_checkpoint(root: Path, fp: str, execution: dict[str, Any], fresh: bool, ddp: Distributed,
+                     held: contextlib.ExitStack) -> dict[str, Any] | None:
+    """Rank 0 locks the run for this process (`held` keeps the lock) and reads its newest checkpoint,
+    then hands it, or its one-line error, to every rank."""
     found: tuple[dict[str, Any] | None, str | None] = (None, None)
     if ddp.main:
         try:
-            found = (checkpoint.open_run(paths.CHECKPOINTS, fp, execution, fresh), None)
+            held.enter_context(checkpoint.hold_run(checkpoint.run_folder(root, fp)))
+            found = (checkpoint.open_run(root, fp, execution, fresh), None)
         except UserError as e:
             found = (None, str(e))
     state, error = ddp.broadcast(found)
@@ -219,13 +221,15 @@ class Run:
 def main(cfg: Config, args=None) -> None:
     ddp, device = join(cfg.train.device)
     try:
-        train(cfg, ddp, device, fresh=bool(getattr(args, "fresh", False)))
+        with contextlib.ExitStack() as held:  # the run's lock, from when train knows which run it is
+            train(cfg, ddp, device, held, fresh=bool(getattr(args, "fresh", False)))
     finally:
         leave(ddp)
 
 
-def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = False) -> None:
-    run = _set_up(cfg, ddp, device, fresh)
+def train(cfg: Config, ddp: Distributed, device: torch.device, held: contextlib.ExitStack,
+          fresh: bool = False) -> None:
+    run = _set_up(cfg, ddp, device, held, fresh)
     tracked = tracking.start_training_run(cfg, run.run_id) if ddp.main else contextlib.nullcontext()
     t_start = time.perf_counter()
     with tracked as mlflow:
@@ -243,7 +247,8 @@ def train(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool = Fal
     ddp.barrier()
 
 
-def _set_up(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool) -> Run:
+def _set_up(cfg: Config, ddp: Distributed, device: torch.device, held: contextlib.ExitStack,
+            fresh: bool) -> Run:
     """The data, the model (from train.init_from, or the run's newest checkpoint) and the plan."""
     t = cfg.train
     data, dataset, epoch_size = _open_dataset(cfg, ddp)
@@ -255,7 +260,8 @@ def _set_up(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool) ->
     fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""),
                                 code_closure.sources_sha256("train"),
                                 {name: init.sha256 for name, init in initial.items()})
-    folder = checkpoint.run_folder(paths.CHECKPOINTS, fp)
+    checkpoints = paths.checkpoints_root()
+    folder = checkpoint.run_folder(checkpoints, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
                  "channels_last": model.memory_format == torch.channels_last,
                  "deterministic": t.deterministic, "compile": t.compile}
@@ -264,7 +270,7 @@ def _set_up(cfg: Config, ddp: Distributed, device: torch.device, fresh: bool) ->
     run.total_steps = run.steps_per_epoch * run.n_epochs
     if t.max_steps:
         run.total_steps = min(run.total_steps, t.max_steps)
-    state = _open_checkpoint(fp, execution, fresh, ddp)
+    state = _open_checkpoint(checkpoints, fp, execution, fresh, ddp, held)
     if state is not None:
         load_shared_state(model, state["model"])
         load_process_state(model, state["ranks"][ddp.rank])
