@@ -17,10 +17,10 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -149,6 +149,27 @@ def seaweedfs(folder: Path, buckets: tuple[str, ...] = ("cyclegan",), ports: lis
                      f"SeaweedFS's S3 gateway at {server.endpoint} (log: {folder / 'weed.log'})", poll=0.5)
             assert proc.poll() is None, (folder / "weed.log").read_text()[-3000:]
         yield server
+
+
+class Restartable:
+    """A server that a test can stop (an outage) and start again: `start_server()` is a context
+    manager that starts it (the same ports and data each time) and yields its description."""
+
+    def __init__(self, start_server: Callable[[], Any]):
+        self.start_server = start_server
+        self.server: Any = None
+        self._running: ExitStack | None = None
+
+    def start(self) -> "Restartable":
+        with ExitStack() as stack:
+            self.server = stack.enter_context(self.start_server())
+            self._running = stack.pop_all()
+        return self
+
+    def stop(self) -> None:
+        if self._running is not None:
+            self._running.close()
+            self._running = None
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------

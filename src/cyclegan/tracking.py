@@ -194,7 +194,7 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
             yield mlflow
         return
     # A server may go away during hours of training: the run's logging is buffered meanwhile.
-    with tracking_server.surviving_outages(mlflow, resume_run_id, run_name) as buffered:
+    with tracking_server.surviving_outages(mlflow, resume_run_id, run_name, project_root()) as buffered:
         if not resume_run_id:
             buffered.log_params(run_params(cfg))
         buffered.set_tags(run_tags(cfg))

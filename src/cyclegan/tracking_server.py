@@ -27,8 +27,9 @@ from .errors import UserError
 
 CHECK_TIMEOUT_S = 5.0
 RETRY_S = 10.0
-# Where a run's records that the server never got wait (git-ignored): pending/<run id>/.
-PENDING = Path("mlflow-pending")
+# Where the calls of a run that the server never got wait, under the project root (git-ignored):
+# mlflow-pending/<run id>/.
+PENDING = "mlflow-pending"
 LOG_PENDING_COMMAND = "cyclegan log-pending"
 
 
@@ -110,10 +111,10 @@ class Buffered:
 
     WRAPPED = ("log_metrics", "log_params", "set_tags", "set_tag", "log_image", "log_artifact")
 
-    def __init__(self, mlflow, run_id: str, say: Callable[[str], None] = print):
+    def __init__(self, mlflow, run_id: str, folder: Path, say: Callable[[str], None] = print):
         self._mlflow = mlflow
         self.run_id = run_id
-        self.folder = PENDING / run_id
+        self.folder = folder
         self.pending: list[dict[str, Any]] = []
         self._last_try = 0.0
         self._say = say
@@ -126,21 +127,21 @@ class Buffered:
 
     def _keep(self, name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The call as JSON: an image or a file is copied into the pending folder first."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        n = len(self.pending)
+        # One folder per call: the file keeps its name, which becomes the artifact's.
+        folder = self.folder / f"{len(self.pending):06d}"
         if name == "log_image":
             from PIL import Image
 
             image, artifact_file = args
-            path = self.folder / f"{n:06d}_{Path(artifact_file).name}"
-            Image.fromarray(image).save(path)
+            folder.mkdir(parents=True)
+            path = folder / Path(artifact_file).name
+            (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
             return {"call": "log_artifact", "args": [str(path), str(Path(artifact_file).parent)], "kwargs": {}}
         if name == "log_artifact":
             source = Path(args[0])
-            path = self.folder / f"{n:06d}" / source.name
-            path.parent.mkdir()
-            shutil.copyfile(source, path)
-            return {"call": "log_artifact", "args": [str(path), *args[1:]], "kwargs": kwargs}
+            folder.mkdir(parents=True)
+            shutil.copyfile(source, folder / source.name)
+            return {"call": "log_artifact", "args": [str(folder / source.name), *args[1:]], "kwargs": kwargs}
         if name == "set_tag":
             return {"call": "set_tags", "args": [{args[0]: args[1]}], "kwargs": {}}
         if name == "log_metrics":  # the time it was measured, not the time it reached the server
@@ -224,7 +225,7 @@ def describe(records: list[dict[str, Any]]) -> str:
 
 
 @contextmanager
-def surviving_outages(mlflow, resume_run_id: str | None, run_name: str | None,
+def surviving_outages(mlflow, resume_run_id: str | None, run_name: str | None, root: Path,
                       say: Callable[[str], None] = print) -> Iterator[Buffered]:
     """Start (or reopen) the run on a remote server; yields it as `Buffered`. When it ends, what
     was kept is sent; what still cannot be is saved, and one line says what and how to send it."""
@@ -234,7 +235,7 @@ def surviving_outages(mlflow, resume_run_id: str | None, run_name: str | None,
         os.environ.setdefault(key, value)
     run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
                            log_system_metrics=True)
-    buffered = Buffered(mlflow, run.info.run_id, say)
+    buffered = Buffered(mlflow, run.info.run_id, root / PENDING / run.info.run_id, say)
     status = "FINISHED"
     try:
         yield buffered
@@ -265,14 +266,15 @@ def surviving_outages(mlflow, resume_run_id: str | None, run_name: str | None,
                 f"run `{LOG_PENDING_COMMAND}` when it is back")
 
 
-def pending_runs() -> list[tuple[str, list[dict[str, Any]]]]:
-    """(run id, kept calls) of every run with calls kept under PENDING."""
-    return [(calls.parent.name, json.loads(calls.read_text())) for calls in sorted(PENDING.glob("*/calls.json"))]
+def pending_runs(root: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(run id, kept calls) of every run with calls kept under root/PENDING."""
+    found = sorted((root / PENDING).glob("*/calls.json"))
+    return [(calls.parent.name, json.loads(calls.read_text())) for calls in found]
 
 
-def mark_sent(run_id: str, remaining: list[dict[str, Any]]) -> None:
+def mark_sent(root: Path, run_id: str, remaining: list[dict[str, Any]]) -> None:
     """Record that only `remaining` of run_id's kept calls are left (a second outage resumes there)."""
-    calls = PENDING / run_id / "calls.json"
+    calls = root / PENDING / run_id / "calls.json"
     if not remaining:
         shutil.rmtree(calls.parent)
         return
