@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import subprocess
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -185,20 +185,19 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
             resume_run_id = None
     # CPU, memory, disk, network, and NVIDIA GPUs where nvidia-ml-py finds one, every 10 s
     # (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL): what a run's speed depended on.
-    if not tracking_server.is_remote(tracking_uri()):
-        with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
-                              log_system_metrics=True):
-            if not resume_run_id:
-                mlflow.log_params(run_params(cfg))
-            mlflow.set_tags(run_tags(cfg))
-            yield mlflow
-        return
-    # A server may go away during hours of training: the run's logging is buffered meanwhile.
-    with tracking_server.surviving_outages(mlflow, resume_run_id, run_name, project_root()) as buffered:
+    with ExitStack() as stack:
+        if tracking_server.is_remote(tracking_uri()):
+            # A server may go away during hours of training: the run's logging is kept meanwhile.
+            logger = stack.enter_context(
+                tracking_server.surviving_outages(mlflow, resume_run_id, run_name, project_root()))
+        else:
+            stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
+                                                 log_system_metrics=True))
+            logger = mlflow
         if not resume_run_id:
-            buffered.log_params(run_params(cfg))
-        buffered.set_tags(run_tags(cfg))
-        yield buffered
+            logger.log_params(run_params(cfg))
+        logger.set_tags(run_tags(cfg))
+        yield logger
 
 
 def last_logged_step(mlflow, key: str) -> int:

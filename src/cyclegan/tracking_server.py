@@ -117,6 +117,7 @@ class Buffered:
         self.folder = folder
         self.pending: list[dict[str, Any]] = []
         self._last_try = 0.0
+        self._kept = 0  # numbers the kept files' folders; never reused, unlike positions in `pending`
         self._say = say
         self._warned = False
 
@@ -128,7 +129,8 @@ class Buffered:
     def _keep(self, name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
         """The call as JSON: an image or a file is copied into the pending folder first."""
         # One folder per call: the file keeps its name, which becomes the artifact's.
-        folder = self.folder / f"{len(self.pending):06d}"
+        self._kept += 1
+        folder = self.folder / f"{self._kept:06d}"
         if name == "log_image":
             from PIL import Image
 
