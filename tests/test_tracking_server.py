@@ -109,6 +109,19 @@ def test_train_stops_in_one_line_within_seconds_when_the_server_is_unreachable(t
     assert "unreachable" in check_fails_fast(url, monkeypatch, USER)
 
 
+def test_a_local_store_needs_no_server_and_urls_are_shown_without_credentials(tmp_path, monkeypatch):
+    """The default (nothing configured) asks no server; a URL holding user:password is shown masked."""
+    from cyclegan import tracking_server
+    from cyclegan.errors import UserError
+
+    for local in (f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "mlruns"), (tmp_path / "mlruns").as_uri()):
+        tracking_server.check(local, "cyclegan")  # returns at once, whatever is (not) there
+    port = free_ports(1)[0]
+    with pytest.raises(UserError) as error:
+        tracking_server.check(f"http://alice:s3cret-pw@127.0.0.1:{port}", "cyclegan")
+    assert "s3cret-pw" not in str(error.value) and f"http://***@127.0.0.1:{port}" in str(error.value)
+
+
 def test_train_stops_in_one_line_on_a_wrong_password(tmp_path, server, monkeypatch):
     make_project(tmp_path)
     wrong = (USER[0], "not-the-password-123")
