@@ -142,7 +142,10 @@ def sweep(tmp_path_factory, server):
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     logs.append(run([DVC, "exp", "run", "--queue", "-S", "seed=1,2"], repo, env))
-    logs.append(run([DVC, "queue", "start", "-j", "2"], repo, env))
+    # The workers outlive `dvc queue start` and keep its stdout: a file, not a pipe to wait on.
+    with open(repo.parent / "queue-start.log", "w") as out:
+        subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
+                       check=True, timeout=120)
 
     def done() -> bool:
         status = run([DVC, "queue", "status"], repo, env).stdout
@@ -153,6 +156,7 @@ def sweep(tmp_path_factory, server):
 
     wait_for(done, 900, "the queued sweep", poll=5)
     logs.append(run([DVC, "queue", "stop"], repo, env))
+    logs.append(subprocess.CompletedProcess([], 0, (repo.parent / "queue-start.log").read_text(), ""))
     return repo, env, logs
 
 
