@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator
 
 from .errors import UserError
 
-CHECK_TIMEOUT_S = 5.0
+# Long enough for a busy server across a network; MLflow itself would retry for over 4 minutes.
+CHECK_TIMEOUT_S = 20.0
 RETRY_S = 10.0
 # Where the calls of a run that the server never got wait, under the project root (git-ignored):
 # mlflow-pending/<run id>/.
