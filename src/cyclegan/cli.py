@@ -18,6 +18,7 @@ STAGES = {
     "report": "Write reports/index.html",
     "compare": "Compare experiments (dvc exp show or MLflow) against a param",
     "import-authors": "Convert one of the authors' generators (an official name or a .pth) to our file",
+    "log-pending": "Log to the MLflow server what train kept while the server was unreachable",
 }
 # Commands that work outside a project: they read no params.yaml.
 NO_PARAMS = {"import-authors"}

@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import subprocess
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
 import numpy as np
 
-from . import paths
+from . import paths, tracking_server
 from .config import Config, flatten
 from .errors import UserError
 
@@ -84,10 +84,13 @@ def run_params(cfg: Config) -> dict[str, Any]:
 
 
 def _mlflow():
+    uri = tracking_uri()
+    # A remote server is asked first, in seconds: MLflow would retry for minutes, then fail.
+    tracking_server.check(uri, EXPERIMENT)
     import mlflow  # imported lazily: it takes seconds and only tracking needs it
 
     _quiet()
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(uri)
     return mlflow
 
 
@@ -168,12 +171,20 @@ def start_training_run(cfg: Config, resume_run_id: str | None = None) -> Iterato
             resume_run_id = None
     # CPU, memory, disk, network, and NVIDIA GPUs where nvidia-ml-py finds one, every 10 s
     # (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL): what a run's speed depended on.
-    with mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name,
-                          log_system_metrics=True):
+    with ExitStack() as stack:
+        if tracking_server.is_remote(tracking_uri()):
+            # A server may go away during hours of training: the run's logging is kept meanwhile.
+            logger = stack.enter_context(
+                tracking_server.surviving_outages(mlflow, resume_run_id, run_name, paths.project_root()))
+        else:
+            stack.enter_context(mlflow.start_run(run_id=resume_run_id,
+                                                 run_name=None if resume_run_id else run_name,
+                                                 log_system_metrics=True))
+            logger = mlflow
         if not resume_run_id:
-            mlflow.log_params(run_params(cfg))
-        mlflow.set_tags(run_tags(cfg))
-        yield mlflow
+            logger.log_params(run_params(cfg))
+        logger.set_tags(run_tags(cfg))
+        yield logger
 
 
 def last_logged_step(mlflow, key: str) -> int:
