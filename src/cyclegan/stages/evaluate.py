@@ -1,8 +1,9 @@
 """`cyclegan evaluate`: FID and KID of both translation directions, and ground-truth error on toy data.
 
 Two files: metrics/eval.json, the DVC metrics people compare across experiments (FID and KID both
-ways and for the baseline, the ground-truth L1 on toy data), and metrics/eval_details.json, every
-figure computed (KID's std, PSNR, object L1) with the protocol, a plain output, so that
+ways and for the baseline, clean-FID both ways, the ground-truth L1 on toy data), and
+metrics/eval_details.json, every figure computed (KID's std, PSNR, object L1, clean-FID of the
+baseline, precision/recall: cyclegan.literature_metrics) with the protocol, a plain output, so that
 `dvc exp show` stays a table of results. MLflow gets all of them.
 
 Protocol (recorded in metrics/eval_details.json under "protocol"):
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import inception, paths, tracking
+from .. import inception, literature_metrics, paths, tracking
 from ..config import Config
 from ..data import PreparedDataset, dataset_name
 from ..errors import UserError
@@ -44,7 +45,7 @@ PSNR_MSE_FLOOR = 1e-10
 DIRECTIONS = {"A2B": ("testA", "testB"), "B2A": ("testB", "testA")}  # direction: (input, reference)
 # The keys of metrics/eval.json, where the evaluation has them.
 HEADLINE = (*(f"{m}_{d}" for m in ("fid", "kid") for d in ("A2B", "B2A", "baseline")),
-            "gt_l1_A2B", "gt_l1_B2A", "gt_l1_identity", "gt_l1_identity_B2A")
+            *literature_metrics.HEADLINE, "gt_l1_A2B", "gt_l1_B2A", "gt_l1_identity", "gt_l1_identity_B2A")
 
 
 def load_translations(folder: Path, names: list[str], size: tuple[int, int]) -> tuple[np.ndarray, int]:
@@ -105,7 +106,11 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
 
     scorer = scorer or InceptionScorer.from_config(cfg.eval)
     metrics: dict[str, Any]
-    metrics, subsets = translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["testA"], real["testB"])
+    metrics, subsets, pool_features = translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["testA"], real["testB"])
+    # clean-FID and precision/recall: one more Inception pass (clean mode), the pool features reused.
+    images = {"A2B": fakes["A2B"], "B2A": fakes["B2A"], "A": real["testA"], "B": real["testB"]}
+    literature, literature_protocol = literature_metrics.literature_scores(scorer, images, pool_features)
+    metrics.update(literature)
 
     has_truth = data.has("testA_target") and data.has("testB_target")
     if has_truth:
@@ -135,6 +140,7 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
         "kid_subsets": KID_SUBSETS,
         "kid_rng_seed": KID_RNG_SEED,
         "device": scorer.device,
+        "literature": literature_protocol,
     }
     if has_truth:
         protocol["ground_truth"] = ("toy targets on [0,1]: l1 = mean abs error, psnr = mean per-image "
