@@ -100,6 +100,9 @@ def _log_sample_grids(mlflow, model: CycleGAN, samples: dict[str, np.ndarray], e
         for direction, (forward, backward) in (("A2B", ("G_A", "G_B")), ("B2A", ("G_B", "G_A"))):
             grid = sample_grid(samples[direction], model.nets[forward], model.nets[backward], model.device)
             mlflow.log_image(grid, f"samples/{direction}/epoch_{epoch:04d}.png")
+            # Keyed and stepped too: MLflow's image charts line up one key's grids across runs
+            # (a sweep's compare page) with a slider over the epochs; the file above is for browsing.
+            mlflow.log_image(grid, key=tracking.sample_image_key(direction), step=epoch)
 
 
 def _fid_kid(model: CycleGAN, cfg: Config, test_A: np.ndarray, test_B: np.ndarray) -> dict[str, float]:
