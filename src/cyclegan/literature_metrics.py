@@ -31,14 +31,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from .errors import UserError
-from .fid_kid import TRANSLATION_PAIRS, InceptionScorer, frechet_distance
 from .fileio import atomic_path
+
+if TYPE_CHECKING:  # torch and the Inception code load only to compute: the report and
+    import torch   # `cyclegan compare` import the names and references below without them
+
+    from .fid_kid import InceptionScorer
 
 CLEAN_MODE = "clean"
 LEGACY_MODE = "legacy_tensorflow"
@@ -86,6 +89,8 @@ def inception_pool(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     torch-fidelity's forward accepts uint8 only and resizes itself; clean mode has already resized
     to float, so its layers are run here in forward's order, after the same normalisation.
     """
+    import torch
+
     if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
         raise ValueError(f"clean-mode input must be {INCEPTION_SIZE}x{INCEPTION_SIZE}, got {tuple(x.shape)}")
     x = (x.to(net.feature_extractor_internal_dtype) - 128) / 128
@@ -98,6 +103,8 @@ def inception_pool(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def cleanfid_extractor(scorer: InceptionScorer, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """clean-fid's `custom_feat_extractor` for `mode`: our Inception, fed as clean-fid feeds its own."""
+    import torch
+
     net = scorer.extractor()
 
     def clean(batch: torch.Tensor) -> torch.Tensor:
@@ -129,6 +136,8 @@ def clean_resize(image: np.ndarray) -> np.ndarray:
 
 def clean_features(scorer: InceptionScorer, images: np.ndarray, cache: bool) -> np.ndarray:
     """(N, 2048) clean-mode features of uint8 (N, H, W, 3) images; cached by content if `cache`."""
+    import torch
+
     path = None
     if cache:
         key = hashlib.sha256(f"{scorer.cache_name(images)}|clean-fid {cleanfid_version()}|{CLEAN_MODE}".encode())
@@ -159,6 +168,7 @@ def clean_features(scorer: InceptionScorer, images: np.ndarray, cache: bool) -> 
 
 def precision_recall(fake: np.ndarray, real: np.ndarray, k: int = PRC_NEIGHBORHOOD) -> dict[str, float]:
     """torch-fidelity's precision and recall of `fake` features against `real` features."""
+    import torch
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     if min(len(fake), len(real)) <= k:
@@ -176,6 +186,8 @@ def literature_scores(scorer: InceptionScorer, images: dict[str, np.ndarray], po
     `images` and `pool_features` (the torch-fidelity features fid_* came from) are keyed A2B, B2A,
     A, B. Returns cleanfid_<pair>, precision_<pair>, recall_<pair>.
     """
+    from .fid_kid import TRANSLATION_PAIRS, frechet_distance
+
     clean = {k: clean_features(scorer, v, cache=cache_reals and k in ("A", "B")) for k, v in images.items()}
     metrics: dict[str, float] = {}
     for name, (x, y) in TRANSLATION_PAIRS.items():
