@@ -7,7 +7,8 @@ script), so it opens offline, from an MLflow artifact or a mail attachment alike
   FID/KID        per epoch, from metrics/train_eval.csv (train.eval_every)
   samples        the first eval.n_samples test images both ways, rows input / translation /
                  reconstruction / identity, computed here with models/G_A.safetensors and G_B
-  metrics        metrics/eval_details.json (every figure, and the protocol), and metrics/train.json
+  metrics        metrics/eval_details.json (every figure, and the protocol), and metrics/train.json;
+                 clean-FID, precision/recall and the published horse2zebra figures beside ours
 reports/index.html is a DVC output, so it is built from the stages' files alone: the same data,
 params and code give the same bytes. The copy logged to the MLflow run adds what only the store
 knows: the run's id and name, and this run beside the other finished runs of the store
@@ -27,7 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .. import paths, tracking
+from .. import literature_metrics, paths, tracking
 from ..comparison import Comparison, load_mlflow, plot_png, select
 from ..config import Config
 from ..data import PreparedDataset
@@ -305,8 +306,12 @@ def _samples_section(inputs: Inputs) -> str:
             f"<h3>{direction[0]} &rarr; {direction[2]}</h3>\n<div class=\"grid\"><div class=\"labels\">"
             + "".join(f"<div>{html.escape(label)}</div>" for label in labels)
             + f"</div>{_img(png, f'{direction} samples', zoom=True)}</div>")
+    keys = " and ".join(f"<code>{tracking.sample_image_key(d)}</code>" for d in inputs.samples)
     intro = (f'<p class="muted">The first {inputs.n_samples} test images of each domain (eval.n_samples), '
-             "one per column.</p>")
+             f"one per column. In MLflow, train logs these grids after every epoch as images {keys} with "
+             "step = epoch: select runs on the experiment page and Compare, and the image charts put "
+             "the runs' grids side by side, with a slider over the epochs (also under samples/ in each "
+             "run's artifacts).</p>")
     return _section("samples", "Test samples", intro + "\n".join(parts))
 
 
@@ -324,6 +329,8 @@ def _metrics_section(inputs: Inputs) -> str:
         "against real testA; baseline: real testA against real testB (translating by doing nothing). "
         "Lower is better.</p>",
     ]
+    parts += _literature_parts(scalars, ev.get("protocol"))
+    shown |= {f"{m}_{d}" for d in directions for m in literature_metrics.METRICS}
     others = [(k, v) for k, v in sorted(scalars.items()) if k not in shown]
     if others:
         parts += ["<h3>Other evaluation metrics</h3>", _table(others, ("metric", "value"))]
@@ -332,6 +339,36 @@ def _metrics_section(inputs: Inputs) -> str:
         parts += ["<h3>Protocol</h3>", _table(protocol.items(), ("", ""))]
     parts += [f"<h3>Training ({paths.TRAIN_METRICS})</h3>", _table(sorted(inputs.train.items()), ("metric", "value"))]
     return _section("metrics", f"Metrics ({paths.EVAL_DETAILS})", "\n".join(parts))
+
+
+def _literature_parts(scalars: dict[str, Any], protocol: Any) -> list[str]:
+    """clean-FID, precision and recall per comparison, and the published figures they compare with."""
+    directions = [d for d in ("A2B", "B2A", "baseline") if f"cleanfid_{d}" in scalars]
+    if not directions:
+        return []
+    rows = [(d, scalars.get(f"{literature_metrics.LEGACY_IS}_{d}", ""), scalars[f"cleanfid_{d}"],
+             scalars.get(f"precision_{d}", ""), scalars.get(f"recall_{d}", "")) for d in directions]
+    counts = protocol.get("counts", {}) if isinstance(protocol, dict) else {}
+    size = protocol.get("image_size", "?") if isinstance(protocol, dict) else "?"
+    ours = (f"ours: {counts.get('A2B', '?')} translated testA images against {counts.get('testB', '?')} real "
+            f"testB images at {size} px, {protocol.get('dataset', '?') if isinstance(protocol, dict) else '?'}")
+    published = [(r["source"], r["model"], "" if r["legacy_fid"] is None else r["legacy_fid"],
+                  "" if r["clean_fid"] is None else r["clean_fid"], r["protocol"], r["compare_with"])
+                 for r in literature_metrics.PUBLISHED]
+    return [
+        "<h3>Scores to set beside published ones</h3>",
+        _table(rows, ("comparison", "legacy FID (= FID above)", "clean-FID", "precision", "recall")),
+        f'<p class="muted">{html.escape(literature_metrics.METRICS["cleanfid"])}. Legacy FID: clean-fid\'s '
+        f"{literature_metrics.LEGACY_MODE} mode, which with this network is the FID above. "
+        f"Precision: {html.escape(literature_metrics.METRICS['precision'])}; recall: "
+        f"{html.escape(literature_metrics.METRICS['recall'])}. Higher is better for both; high precision "
+        "with low recall is mode collapse.</p>",
+        "<h4>Published horse2zebra FIDs (testA &rarr; B)</h4>",
+        _table(published, ("source", "model", "legacy FID", "clean-FID", "protocol", "compares with")),
+        f'<p class="muted">{html.escape(ours)}. Only the same protocol compares: the clean-fid leaderboard\'s '
+        "is ours with data.dataset horse2zebra and data.crop_size 256 (A2B, legacy FID = fid_A2B, clean-FID "
+        "= cleanfid_A2B); FID of ~130 images moves by several points between seeds and samples.</p>",
+    ]
 
 
 def _comparison_section(comparison: Comparison, run_id: str) -> str:
