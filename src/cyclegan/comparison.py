@@ -32,14 +32,16 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from . import literature_metrics, paths, tracking
+from . import paths, tracking
 from .config import Config, flatten
 from .errors import UserError
 from .figures import figure_png, pyplot
 from .fileio import atomic_path, write_text
 
 DEFAULT_PARAM = "lambda_identity"
-DEFAULT_METRICS = ("fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A", *literature_metrics.HEADLINE)
+# clean-FID: cleanfid_A2B from either source, cleanfid_B2A from MLflow (not in eval.json); absent ones are dropped.
+DEFAULT_METRICS = ("fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A",
+                   *(f"cleanfid_{d}" for d in ("A2B", "B2A")))
 SOURCES = ("dvc", "mlflow")
 ID_COLUMNS = ("experiment", "id")
 OUTPUTS = ("compare.csv", "compare_settings.csv", "compare_differences.csv", "compare.md", "compare.png")  # in reports/
