@@ -110,3 +110,13 @@ def test_precision_recall_of_constructed_cases(scorer):
     assert collapsed["recall"] <= 1 / 8
     with pytest.raises(UserError, match="k = 3 needs more than 3 images"):
         lm.precision_recall(real[:3], real)
+
+
+def test_tiny_test_sets_get_clean_fid_but_no_precision_recall(scorer):
+    """Three images a side: FID/KID worked before precision/recall existed, so evaluate must not fail."""
+    rng = np.random.default_rng(3)
+    images = {k: rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8) for k in ("A2B", "B2A", "A", "B")}
+    pool = {k: rng.normal(size=(3, 2048)).astype(np.float32) for k in images}  # only their count matters here
+    metrics, protocol = lm.literature_scores(scorer, images, pool, cache_reals=False)
+    assert sorted(metrics) == ["cleanfid_A2B", "cleanfid_B2A", "cleanfid_baseline"]
+    assert protocol["prc_not_computed"].startswith("A2B, B2A, baseline: precision/recall need more than k = 3")

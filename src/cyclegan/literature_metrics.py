@@ -193,8 +193,12 @@ def literature_scores(scorer: InceptionScorer, images: dict[str, np.ndarray], po
 
     clean = {k: clean_features(scorer, v, cache=cache_reals and k in ("A", "B")) for k, v in images.items()}
     metrics: dict[str, float] = {}
+    too_small = []  # a test set of 2 or 3 images still gets FID/KID, as before precision/recall
     for name, (x, y) in TRANSLATION_PAIRS.items():
         metrics[f"cleanfid_{name}"] = frechet_distance(clean[x], clean[y])
+        if min(len(pool_features[x]), len(pool_features[y])) <= PRC_NEIGHBORHOOD:
+            too_small.append(name)
+            continue
         for key, value in precision_recall(pool_features[x], pool_features[y]).items():
             metrics[f"{key}_{name}"] = value
     protocol = {
@@ -206,4 +210,7 @@ def literature_scores(scorer: InceptionScorer, images: dict[str, np.ndarray], po
         "prc_neighborhood_k": PRC_NEIGHBORHOOD,
         "metrics": METRICS,
     }
+    if too_small:
+        protocol["prc_not_computed"] = (f"{', '.join(too_small)}: precision/recall need more than "
+                                        f"k = {PRC_NEIGHBORHOOD} images on each side")
     return metrics, protocol
