@@ -112,6 +112,7 @@ def test_precision_recall_of_constructed_cases(scorer):
         lm.precision_recall(real[:3], real)
 
 
+@pytest.mark.slow
 def test_tiny_test_sets_get_clean_fid_but_no_precision_recall(scorer):
     """Three images a side: FID/KID worked before precision/recall existed, so evaluate must not fail."""
     rng = np.random.default_rng(3)
