@@ -39,7 +39,7 @@ from .figures import figure_png, pyplot
 from .fileio import atomic_path, write_text
 
 DEFAULT_PARAM = "lambda_identity"
-# clean-FID: cleanfid_A2B from either source, cleanfid_B2A from MLflow (not in eval.json); absent ones are dropped.
+# clean-FID comes from MLflow (--source mlflow; it is not in eval.json); absent defaults are dropped.
 DEFAULT_METRICS = ("fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A",
                    *(f"cleanfid_{d}" for d in ("A2B", "B2A")))
 SOURCES = ("dvc", "mlflow")

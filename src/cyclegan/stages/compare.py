@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
                         help=f"param on the x axis, as in params.yaml (default: {DEFAULT_PARAM})")
     parser.add_argument("--metric", action="append", dest="metrics", metavar="METRIC",
                         help=f"metric to compare; repeat for more (default: {' '.join(DEFAULT_METRICS)}; "
-                             f"precision_*, recall_* and *_baseline are in MLflow only: --source mlflow)")
+                             f"cleanfid_*, precision_* and recall_* are in MLflow only: --source mlflow)")
     parser.add_argument("--source", choices=SOURCES, default="dvc",
                         help="dvc: `dvc exp show`; mlflow: the runs in the MLflow store (default: dvc)")
 

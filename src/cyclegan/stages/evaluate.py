@@ -1,9 +1,9 @@
 """`cyclegan evaluate`: FID and KID of both translation directions, and ground-truth error on toy data.
 
 Two files: metrics/eval.json, the DVC metrics people compare across experiments (FID and KID both
-ways and for the baseline, the A2B clean-FID, the ground-truth L1 on toy data), and
-metrics/eval_details.json, every figure computed (KID's std, PSNR, object L1, the other clean-FIDs,
-precision/recall: cyclegan.literature_metrics) with the protocol, a plain output, so that
+ways and for the baseline, the ground-truth L1 on toy data), and metrics/eval_details.json, every
+figure computed (KID's std, PSNR, object L1, clean-FID and precision/recall:
+cyclegan.literature_metrics) with the protocol, a plain output, so that
 `dvc exp show` stays a table of results. MLflow gets all of them.
 
 Protocol (recorded in metrics/eval_details.json under "protocol"):
