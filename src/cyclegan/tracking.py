@@ -127,6 +127,26 @@ def _use_experiment(mlflow) -> None:
         mlflow.set_experiment(EXPERIMENT)
 
 
+def sample_image_key(direction: str) -> str:
+    """The MLflow image key of a direction's sample grids (logged with step = epoch)."""
+    return f"samples_{direction}"
+
+
+def logged_images(client, run_id: str) -> list[tuple[str, int, str]]:
+    """(key, step, artifact path) of the run's keyed full-size images, by key and step.
+
+    MLflow stores them as images/<key>+step+<step>+timestamp+<ms>+<uuid>.png (its UI reads the
+    key and step back from that name), beside a +compressed.webp preview.
+    """
+    out = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.rsplit("/", 1)[-1]
+        fields = name.rsplit(".", 1)[0].split("+")
+        if name.endswith(".png") and len(fields) == 6 and fields[1] == "step":
+            out.append((fields[0].replace("~", "/"), int(fields[2]), artifact.path))
+    return sorted(out)
+
+
 GENERATORS_TAG = "generators_sha256"
 
 

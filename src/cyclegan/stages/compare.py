@@ -16,13 +16,27 @@ from .. import tracking
 from ..comparison import (DEFAULT_METRICS, DEFAULT_PARAM, SOURCES, compare, differences, differences_table,
                           settings_table, summarize, write_outputs)
 from ..config import Config
+from ..vocabulary import LITERATURE
+
+
+SEEDS_HELP = (
+    "Runs that differ only in `seed` are repeats of one setting. Per setting and metric it reports n "
+    "(the runs), their seeds, the mean, the standard deviation and the 95% interval of the mean "
+    "(Student's t over the seeds); for each pair of settings, the difference of the means with its "
+    "95% interval (Welch), marked as exceeding the seed spread when that interval excludes 0. Other "
+    "params that differ between runs make settings of their own. Writes reports/compare.csv (the "
+    "runs), compare_settings.csv, compare_differences.csv, compare.md (all three) and compare.png."
+)
 
 
 def add_arguments(parser) -> None:
+    parser.epilog = SEEDS_HELP
     parser.add_argument("--param", default=DEFAULT_PARAM,
                         help=f"param on the x axis, as in params.yaml (default: {DEFAULT_PARAM})")
     parser.add_argument("--metric", action="append", dest="metrics", metavar="METRIC",
-                        help=f"metric to compare; repeat for more (default: {' '.join(DEFAULT_METRICS)})")
+                        help=f"metric to compare; repeat for more (default: {' '.join(DEFAULT_METRICS)}; "
+                             f"{', '.join(f'{kind}_*' for kind in LITERATURE)} are in MLflow only: "
+                             "--source mlflow)")
     parser.add_argument("--source", choices=SOURCES, default="dvc",
                         help="dvc: `dvc exp show`; mlflow: the runs in the MLflow store (default: dvc)")
 

@@ -2,7 +2,8 @@
 
 Two files: metrics/eval.json, the DVC metrics people compare across experiments (FID and KID both
 ways and for the baseline, the ground-truth L1 on toy data), and metrics/eval_details.json, every
-figure computed (KID's std, PSNR, object L1) with the protocol, a plain output, so that
+figure computed (KID's std, PSNR, object L1, clean-FID and precision/recall:
+cyclegan.literature_metrics) with the protocol, a plain output, so that
 `dvc exp show` stays a table of results. MLflow gets all of them.
 
 Protocol (recorded in metrics/eval_details.json under "protocol"):
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import inception, paths, tracking
+from .. import inception, literature_metrics, paths, tracking
 from ..config import Config
 from ..datasets.sources import folder_name
 from ..prepared_data import PreparedDataset
@@ -103,8 +104,13 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
 
     scorer = scorer or InceptionScorer.from_config(cfg.eval)
     metrics: dict[str, Any]
-    metrics, subsets = translation_scores(scorer, fakes[A2B.name], fakes[B2A.name], real[A2B.source],
-                                          real[B2A.source])
+    metrics, subsets, pool_features = translation_scores(scorer, fakes[A2B.name], fakes[B2A.name],
+                                                         real[A2B.source], real[B2A.source])
+    # clean-FID and precision/recall: one more Inception pass (clean mode), the pool features reused.
+    images = {A2B.name: fakes[A2B.name], B2A.name: fakes[B2A.name], "A": real[A2B.source],
+              "B": real[B2A.source]}
+    literature, literature_protocol = literature_metrics.literature_scores(scorer, images, pool_features)
+    metrics.update(literature)
 
     has_truth = all(data.has(d.target_ground_truth) for d in DIRECTIONS)
     if has_truth:
@@ -133,6 +139,7 @@ def evaluate(cfg: Config, scorer: InceptionScorer | None = None) -> dict[str, An
         "kid_subsets": KID_SUBSETS,
         "kid_rng_seed": KID_RNG_SEED,
         "device": scorer.device,
+        "literature": literature_protocol,
     }
     if has_truth:
         protocol["ground_truth"] = ("toy targets on [0,1]: l1 = mean abs error, psnr = mean per-image "

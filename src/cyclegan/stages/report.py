@@ -7,7 +7,8 @@ script), so it opens offline, from an MLflow artifact or a mail attachment alike
   FID/KID        per epoch, from metrics/train_eval.csv (train.eval_every)
   samples        the first eval.n_samples test images both ways, rows input / translation /
                  reconstruction / identity, computed here with models/G_A.safetensors and G_B
-  metrics        metrics/eval_details.json (every figure, and the protocol), and metrics/train.json
+  metrics        metrics/eval_details.json (every figure, and the protocol), and metrics/train.json;
+                 clean-FID, precision/recall and the published horse2zebra figures beside ours
 reports/index.html is a DVC output, so it is built from the stages' files alone: the same data,
 params and code give the same bytes. The copy logged to the MLflow run adds what only the store
 knows: the run's id and name, and this run beside the other finished runs of the store
@@ -28,7 +29,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from .. import paths, tracking
+from .. import literature_metrics, paths, tracking
 from ..comparison import Comparison, load_mlflow, plot_png, select
 from ..config import Config
 from ..prepared_data import PreparedDataset
@@ -37,8 +38,8 @@ from ..errors import UserError
 from ..figures import SAMPLE_ROWS, figure_png, png_bytes, pyplot, sample_grid
 from ..fileio import atomic_path, write_text
 from ..generator_file import load_generator
-from ..vocabulary import (DIRECTIONS, FID, KID, KID_STD, PER_EPOCH, SCORED, TEST_SPLITS, direction_named,
-                          during_training, metric)
+from ..vocabulary import (A2B, CLEANFID, DIRECTIONS, FID, KID, KID_STD, LITERATURE, PER_EPOCH, PRECISION,
+                          RECALL, SCORED, TEST_SPLITS, direction_named, during_training, metric)
 
 REPORT = paths.REPORTS / "index.html"
 LOSS_PNG = paths.REPORTS / "loss_curves.png"
@@ -313,8 +314,12 @@ def _samples_section(inputs: Inputs) -> str:
             f"<h3>{direction[0]} &rarr; {direction[2]}</h3>\n<div class=\"grid\"><div class=\"labels\">"
             + "".join(f"<div>{html.escape(label)}</div>" for label in labels)
             + f"</div>{_img(png, f'{direction} samples', zoom=True)}</div>")
+    keys = " and ".join(f"<code>{tracking.sample_image_key(d)}</code>" for d in inputs.samples)
     intro = (f'<p class="muted">The first {inputs.n_samples} test images of each domain (eval.n_samples), '
-             "one per column.</p>")
+             f"one per column. In MLflow, train logs these grids after every epoch as images {keys} with "
+             "step = epoch: select runs on the experiment page and Compare, and the image charts put "
+             "the runs' grids side by side, with a slider over the epochs (also under samples/ in each "
+             "run's artifacts).</p>")
     return _section("samples", "Test samples", intro + "\n".join(parts))
 
 
@@ -331,6 +336,8 @@ def _metrics_section(inputs: Inputs) -> str:
         "against real testA; baseline: real testA against real testB (translating by doing nothing). "
         "Lower is better.</p>",
     ]
+    parts += _literature_parts(scalars, ev.get("protocol"))
+    shown |= {metric(kind, d) for d in SCORED for kind in LITERATURE}
     others = [(k, v) for k, v in sorted(scalars.items()) if k not in shown]
     if others:
         parts += ["<h3>Other evaluation metrics</h3>", _table(others, ("metric", "value"))]
@@ -340,6 +347,39 @@ def _metrics_section(inputs: Inputs) -> str:
     parts += [f"<h3>Training ({paths.TRAIN_METRICS})</h3>",
               _table(sorted(inputs.train.items()), ("metric", "value"))]
     return _section("metrics", f"Metrics ({paths.EVAL_DETAILS})", "\n".join(parts))
+
+
+def _literature_parts(scalars: dict[str, Any], protocol: Any) -> list[str]:
+    """clean-FID, precision and recall per comparison, and the published figures they compare with."""
+    directions = [d for d in SCORED if metric(CLEANFID, d) in scalars]
+    if not directions:
+        return []
+    rows = [(d, scalars.get(metric(literature_metrics.LEGACY_IS, d), ""),
+             *(scalars.get(metric(kind, d), "") for kind in (CLEANFID, PRECISION, RECALL)))
+            for d in directions]
+    counts = protocol.get("counts", {}) if isinstance(protocol, dict) else {}
+    size = protocol.get("image_size", "?") if isinstance(protocol, dict) else "?"
+    ours = (f"ours: {counts.get(A2B.name, '?')} translated {A2B.source} images against "
+            f"{counts.get(A2B.target, '?')} real {A2B.target} images at {size} px, "
+            f"{protocol.get('dataset', '?') if isinstance(protocol, dict) else '?'}")
+    published = [(r["source"], r["model"], "" if r["legacy_fid"] is None else r["legacy_fid"],
+                  "" if r["clean_fid"] is None else r["clean_fid"], r["protocol"], r["compare_with"])
+                 for r in literature_metrics.PUBLISHED]
+    return [
+        "<h3>Scores to set beside published ones</h3>",
+        _table(rows, ("comparison", "legacy FID (= FID above)", "clean-FID", "precision", "recall")),
+        f'<p class="muted">{html.escape(literature_metrics.METRICS[CLEANFID])}. Legacy FID: clean-fid\'s '
+        f"{literature_metrics.LEGACY_MODE} mode, which with this network is the FID above. "
+        f"Precision: {html.escape(literature_metrics.METRICS[PRECISION])}; recall: "
+        f"{html.escape(literature_metrics.METRICS[RECALL])}. Higher is better for both; high precision "
+        "with low recall is mode collapse.</p>",
+        "<h4>Published horse2zebra FIDs (testA &rarr; B)</h4>",
+        _table(published, ("source", "model", "legacy FID", "clean-FID", "protocol", "compares with")),
+        f'<p class="muted">{html.escape(ours)}. Only the same protocol compares: the clean-fid '
+        "leaderboard's is ours with data.dataset horse2zebra and data.crop_size 256 (A2B, legacy FID = "
+        f"{metric(FID, A2B.name)}, clean-FID = {metric(CLEANFID, A2B.name)}); FID of ~130 images moves by "
+        "several points between seeds and samples.</p>",
+    ]
 
 
 def _comparison_section(comparison: Comparison, run_id: str) -> str:

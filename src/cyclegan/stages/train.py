@@ -103,6 +103,9 @@ def _log_sample_grids(mlflow, model: CycleGAN, samples: dict[str, np.ndarray], e
         for d in DIRECTIONS:
             grid = sample_grid(samples[d.name], model.nets[d.generator], model.nets[d.back], model.device)
             mlflow.log_image(grid, f"samples/{d.name}/epoch_{epoch:04d}.png")
+            # Keyed and stepped too: MLflow's image charts line up one key's grids across runs
+            # (a sweep's compare page) with a slider over the epochs; the file above is for browsing.
+            mlflow.log_image(grid, key=tracking.sample_image_key(d.name), step=epoch)
 
 
 def _fid_kid(model: CycleGAN, cfg: Config, test_A: np.ndarray, test_B: np.ndarray) -> dict[str, float]:
