@@ -291,16 +291,26 @@ def background_process(cmd: list[str], log: Path, env: dict[str, str] | None = N
     try:
         yield proc
     finally:
-        # SIGTERM lets the leader shut down cleanly; SIGKILL then ends any child still running.
-        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_process_group(proc, signal.SIGTERM, grace=15)
+
+
+def stop_process_group(proc: subprocess.Popen, stop_signal=signal.SIGTERM, grace: float = 5.0) -> None:
+    """`stop_signal` to the process group (a clean shutdown), SIGKILL after `grace` s, and SIGKILL to
+    any child left once the leader is gone."""
+    for sig, wait_s in ((stop_signal, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; children (postgres backends, weed's) go with the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
 
 
 class ScriptedServer:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from helpers import VENV_BIN, wait_for
+from helpers import VENV_BIN, stop_process_group, wait_for
 
 WEED = VENV_BIN / "weed"
 # Debian's postgresql package; `.ci/run` installs it where missing.
@@ -56,23 +56,6 @@ def server_process(cmd: list[str], log: Path, env: dict[str, str] | None = None,
         yield proc
     finally:
         stop_process_group(proc, stop_signal, grace)
-
-
-def stop_process_group(proc: subprocess.Popen, stop_signal=signal.SIGTERM, grace: float = 5.0) -> None:
-    for sig, wait_s in ((stop_signal, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; children (postgres backends, weed's) go with the group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
 
 
 def answers_http(url: str) -> bool:
