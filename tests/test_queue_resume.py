@@ -125,7 +125,7 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(tmp_path):
 def test_a_second_process_training_the_same_run_stops_with_one_line(project):
     make_project(project, **TINY)
     run_train()
-    folder = (project / run_dir()).resolve()
+    folder = run_dir()  # relative: the checkpoints of a run in the working directory
     before = checkpoint.list_checkpoints(folder)
     with checkpoint.hold_run(folder), pytest.raises(UserError) as e:
         run_train(fresh=True)

@@ -56,4 +56,8 @@ def checkpoints_root() -> Path:
     named = os.environ.get(CHECKPOINTS_ENV)
     if named:
         return Path(named).expanduser().resolve()
-    return project_root() / CHECKPOINTS
+    root = project_root() / CHECKPOINTS
+    try:  # inside the working directory, as relative as dvc.yaml's paths (and the messages naming it)
+        return root.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return root
