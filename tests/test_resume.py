@@ -179,7 +179,7 @@ def test_other_params_start_in_their_own_folder_and_keep_the_others(project, cap
     assert run_id() != first_run
     # The first run's training state is untouched, beside the new run's.
     assert {p: p.read_bytes() for p in first_dir.iterdir()} == first_files
-    (new_dir,) = [d for d in paths.CHECKPOINTS.iterdir() if d != first_dir]
+    (new_dir,) = [d for d in paths.CHECKPOINTS.iterdir() if d.is_dir() and d != first_dir]  # not the .lock files
     assert f"cyclegan train: starting afresh in {new_dir}; {paths.CHECKPOINTS} also holds 1 other run (" in out
     assert "kept: delete what you no longer need" in out
     state = torch.load(new_dir / "step_000000004.pt", weights_only=True)

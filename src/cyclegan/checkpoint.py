@@ -20,7 +20,7 @@ processes may not, since each process's image pools and RNG streams are part of 
 One process at a time trains a run: `hold_run` locks its folder for as long as training lasts, so
 a second process with the same fingerprint (an experiment queued twice, a re-queued one whose
 first attempt still runs) stops with one line instead of interleaving checkpoints with the first.
-The lock is the kernel's (flock): it goes with the process, however it dies.
+The lock is the kernel's (flock on <fingerprint>.lock): it goes with the process, however it dies.
 """
 from __future__ import annotations
 
@@ -45,7 +45,6 @@ from .errors import UserError
 from .fileio import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
-LOCK = "training.lock"
 # Params that define what is trained are in the fingerprint; these (logging, checkpoint cadence,
 # where it runs, and options that change the rounding but not the arithmetic) may change between a
 # run and its resumption. The precision setting is in the fingerprint: bf16 is other arithmetic,
@@ -142,11 +141,16 @@ def run_folder(root: Path, fingerprint: str) -> Path:
     return root / fingerprint
 
 
+def lock_path(folder: Path) -> Path:
+    """<fingerprint>.lock beside the run's folder: the folder holds checkpoints alone."""
+    return folder.parent / f"{folder.name}.lock"
+
+
 @contextmanager
 def hold_run(folder: Path) -> Iterator[None]:
     """Train the run in `folder` alone while this is held, or stop with one line naming who trains it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as f:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(folder), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
