@@ -264,6 +264,11 @@ def test_an_outage_during_training_loses_nothing(server, tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(run_id, "loss_G_A")] == losses == list(range(4, 49, 4))
     samples = {a.path for a in client.list_artifacts(run_id, "samples/A2B")}
     assert samples == {f"samples/A2B/epoch_{e:04d}.png" for e in range(1, epochs + 1)}, samples
+    # The grids under a key and step too (MLflow's image view), those of the outage included.
+    from cyclegan import tracking
+
+    keyed = {(key, step) for key, step, _ in tracking.logged_images(client, run_id)}
+    assert keyed == {(tracking.sample_image_key(d), e) for d in ("A2B", "B2A") for e in range(1, epochs + 1)}, keyed
     assert "train_losses.csv" in {a.path for a in client.list_artifacts(run_id)}
     models = client.search_logged_models([finished.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert sorted(m.name for m in models) == ["G_A", "G_B"]

@@ -138,10 +138,13 @@ class Buffered:
         if name == "log_image":
             from PIL import Image
 
-            image, artifact_file = args
+            image, artifact_file = args[0], (args[1] if len(args) > 1 else kwargs.get("artifact_file"))
             folder.mkdir(parents=True)
-            path = folder / Path(artifact_file).name
+            path = folder / (Path(artifact_file).name if artifact_file else "image.png")
             (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
+            if artifact_file is None:  # an image under a key and step (MLflow's image view)
+                return {"call": "log_image", "args": [str(path)],
+                        "kwargs": {"key": kwargs["key"], "step": kwargs.get("step") or 0}}
             return {"call": "log_artifact", "args": [str(path), str(Path(artifact_file).parent)],
                     "kwargs": {}}
         if name == "log_artifact":
@@ -215,6 +218,11 @@ def replay(client, run_id: str, record: dict[str, Any]) -> None:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in args[0].items()])
     elif call == "log_artifact":
         client.log_artifact(run_id, args[0], args[1] if len(args) > 1 else kwargs.get("artifact_path"))
+    elif call == "log_image":
+        from PIL import Image
+
+        with Image.open(args[0]) as image:
+            client.log_image(run_id, image.copy(), key=kwargs["key"], step=kwargs["step"])
     elif call == "set_terminated":
         client.set_terminated(run_id, record.get("status", "FINISHED"))
     else:
@@ -227,7 +235,7 @@ def describe(records: list[dict[str, Any]]) -> str:
     for record in records:
         counts[record["call"]] = counts.get(record["call"], 0) + 1
     words = {"log_metrics": "metric records", "log_params": "param records", "set_tags": "tag records",
-             "log_artifact": "files", "log_generators": "generator models",
+             "log_artifact": "files", "log_image": "images", "log_generators": "generator models",
              "set_terminated": "end-of-run marks"}
     return ", ".join(f"{n} {words.get(call, call)}" for call, n in counts.items())
 
