@@ -8,8 +8,12 @@ steps compared here. Equal up to float rounding, then: the all-reduce sums in an
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +21,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch.utils.data import DataLoader
 
-from cyclegan import paths
+from cyclegan import checkpoint, paths
 from cyclegan.config import config_from_dict
 from cyclegan.prepared_data import PositionSampler, UnpairedTrainSet
 from cyclegan.distributed import Distributed
 from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
-from helpers import (assert_same_gradients, enter_project, run_dir, generator_weights, make_project, merge, project_env,
-                     mlflow_client, read_losses, record_gradients, run_id, run_train, set_params)
+from helpers import (VENV_BIN, assert_same_gradients, background_process, enter_project, free_port,
+                     generator_weights, make_project, merge, mlflow_client, pipeline_repo, project_env, read_losses,
+                     record_gradients, run, run_dir, run_id, run_train, set_params, wait_for)
 
 # Compared steps: from the third, rounding differences grow past 1e-4 (see the torchrun test).
 STEPS = 2
@@ -133,3 +139,119 @@ def test_torchrun_trains_resumes_and_matches_the_global_batch(tmp_path, monkeypa
     for ddp_row, row in zip(rows, single):
         for k in LOSS_TERMS:
             assert float(ddp_row[f"loss_{k}"]) == pytest.approx(float(row[f"loss_{k}"]), rel=1e-5), k
+
+
+# --- several machines, on loopback ------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has exited: only its parent (here init) has yet to reap it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _nodes(roots: list[Path], port: int, restarts: int = 0) -> Iterator[list[subprocess.Popen]]:
+    """A torchrun job of one process on each of `roots` (a machine each, sharing no files): the
+    README's multi-node command, c10d rendezvous on 127.0.0.1:port hosted by the first.
+
+    c10d ranks the machines by their address: the first root's gets 127.0.0.1, so it is rank 0
+    and writes the outputs; the others get 127.0.0.2, ... (loopback too).
+    """
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for i, root in enumerate(roots):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(roots)),
+                   "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                   "--rdzv-id", "two-machines", "--rdzv-conf", f"is_host={str(i == 0).lower()}",
+                   "--local-addr", f"127.0.0.{i + 1}", "--max-restarts", str(restarts), "-m", "cyclegan", "train"]
+            procs.append(stack.enter_context(background_process(cmd, root / "torchrun.log", project_env(root), root)))
+        yield procs
+
+
+def _finish(procs: list[subprocess.Popen], roots: list[Path]) -> list[str]:
+    logs = []
+    for proc, root in zip(procs, roots):
+        code = proc.wait(timeout=600)
+        logs.append((root / "torchrun.log").read_text())
+        assert code == 0, logs[-1][-3000:]
+    return logs
+
+
+@pytest.mark.slow
+def test_two_machines_train_as_one_with_a_worker_killed_and_rank_0_moved(tmp_path):
+    """Two torchrun "machines" on loopback, each in its own folder (no shared file system), train
+    the run a 2-process job on one machine trains, bit for bit (the same Gloo all-reduce of two
+    ranks). A worker killed mid-run: with --max-restarts 1 the job restarts, resumes from rank 0's
+    last checkpoint and ends as if uninterrupted. Started again with rank 0 on the other machine,
+    the job resumes from the checkpoint on the machine that has it."""
+    roots = {name: tmp_path / name for name in ("one", "x", "y")}
+    for name, root in roots.items():
+        root.mkdir()
+        # 40 steps of global batch 2; a checkpoint every 4 steps.
+        make_project(root, n_a=40, train={"checkpoint_every": 4, "log_every": 4,
+                                          "nproc_per_node": 2 if name == "one" else 1})
+    one = subprocess.run([sys.executable, "-m", "cyclegan", "train"], cwd=roots["one"], env=project_env(roots["one"]),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "40 steps (2 epochs of 20 steps, global batch 2) on 2 x cpu" in one.stdout
+    reference = generator_weights(roots["one"] / paths.GENERATORS["G_A"])
+
+    x, y = roots["x"], roots["y"]
+    for root in (x, y):
+        set_params(root, merge(yaml.safe_load((root / "params.yaml").read_text()), {"train": {"max_steps": 16}}))
+    folder = x / paths.CHECKPOINTS / run_dir(roots["one"]).name  # the same run: 2 processes, same params
+    with _nodes([x, y], free_port(), restarts=1) as procs:
+        wait_for(lambda: checkpoint.newest_step(folder) >= 4, 300, "rank 0's first checkpoint", poll=0.05)
+        workers = _children(procs[1].pid)
+        assert len(workers) == 1 and checkpoint.newest_step(folder) < 16, "the run ended before the kill"
+        os.kill(workers[0], signal.SIGKILL)
+        logs = _finish(procs, [x, y])
+    assert "resuming from" in logs[0] and checkpoint.newest_step(folder) == 16, logs[0][-3000:]
+    assert not (y / paths.CHECKPOINTS).exists() and not (y / paths.MODELS).exists()
+
+    # Again, all 40 steps, but now y is rank 0: its disk has no checkpoint, x's has step 16.
+    for root in (x, y):
+        set_params(root, merge(yaml.safe_load((root / "params.yaml").read_text()), {"train": {"max_steps": 0}}))
+    with _nodes([y, x], free_port()) as procs:
+        logs = _finish(procs, [y, x])
+    assert f"resuming from {paths.CHECKPOINTS / folder.name / 'step_000000016.pt'}" in logs[1], logs[1][-3000:]
+    assert "40 steps, 48 images in" in logs[0], logs[0][-3000:]
+    resumed = generator_weights(y / paths.GENERATORS["G_A"])
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert read_losses(y / paths.TRAIN_LOSSES) == read_losses(roots["one"] / paths.TRAIN_LOSSES)
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_trains_on_two_processes_and_resumes_after_a_kill(tmp_path):
+    """`dvc exp run -S train.nproc_per_node=2`: the train stage starts its own 2 processes. Before it,
+    the same params' `cyclegan train` was SIGKILLed (an OOM kill; `dvc queue kill` of a worker): its
+    workers, in sessions of their own, exit too and free the run's lock, so the experiment resumes."""
+    params = {"data": {"toy": {"n_train_a": 40, "n_train_b": 40, "n_test": 4}},
+              "model": {"ngf": 8, "ndf": 8},
+              "train": {"n_epochs": 1, "n_epochs_decay": 1, "checkpoint_every": 4, "threads": 1, "device": "cpu"},
+              "eval": {"n_samples": 0, "device": "cpu"}}
+    repo, env = pipeline_repo(tmp_path / "project", params)
+    run([str(VENV_BIN / "dvc"), "repro", "prepare"], repo, env)
+    set_params(repo, merge(yaml.safe_load((repo / "params.yaml").read_text()), {"train": {"nproc_per_node": 2}}))
+    with background_process([str(VENV_BIN / "cyclegan"), "train"], tmp_path / "train.log", env, repo) as launcher:
+        folder = wait_for(lambda: run_dir(repo) if (repo / run_dir(repo)).is_dir() else None, 300, "the run's folder")
+        wait_for(lambda: checkpoint.newest_step(repo / folder) >= 4, 300, "the first checkpoint", poll=0.05)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2 and checkpoint.newest_step(repo / folder) < 40
+        os.kill(launcher.pid, signal.SIGKILL)
+        wait_for(lambda: not any(map(_alive, workers)), 10, "the workers to exit", poll=0.1)
+    run(["git", "checkout", "params.yaml"], repo, env)
+    exp = run([str(VENV_BIN / "dvc"), "exp", "run", "-S", "train.nproc_per_node=2", "train"], repo, env)
+    assert f"resuming from {folder}" in exp.stdout, exp.stdout[-3000:]
+    assert "40 steps (2 epochs of 20 steps, global batch 2) on 2 x cpu" in exp.stdout, exp.stdout[-3000:]
+    locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]
+    assert locked["train"]["nproc_per_node"] == 2
+    assert "didn't change" in run([str(VENV_BIN / "dvc"), "repro", "train"], repo, env).stdout

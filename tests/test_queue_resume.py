@@ -30,11 +30,6 @@ PARAMS = merge(TINY, {
 })
 
 
-def _newest_step(folder: Path) -> int:
-    files = checkpoint.list_checkpoints(folder)
-    return int(checkpoint.PATTERN.search(files[-1].name).group(1)) if files else 0
-
-
 def _queue_state(repo: Path, env: dict, name: str) -> str:
     for line in run([DVC, "queue", "status"], repo, env).stdout.splitlines():
         parts = line.split()
@@ -78,22 +73,22 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(tmp_path):
         # 1. Killed like Ctrl-C (`dvc queue kill`) after its first checkpoint.
         _queue_and_start(repo, env, "first")
         folder = _run_folder(repo)
-        wait_for(lambda: _newest_step(folder) >= 8, 300, "the first checkpoint")
+        wait_for(lambda: checkpoint.newest_step(folder) >= 8, 300, "the first checkpoint")
         assert _queue_state(repo, env, "first") == "Running"
         run([DVC, "queue", "kill", "first"], repo, env)
         wait_for(lambda: _queue_state(repo, env, "first") == "Failed", 120, "`first` to stop")
-        killed_at = _newest_step(folder)
+        killed_at = checkpoint.newest_step(folder)
         assert killed_at < 192, "the run ended before it was killed: nothing to resume"
 
         # 2. Queued again, and SIGKILLed (an out-of-memory kill, a preempted node) past that point:
         # the lock file names the training process.
         _queue_and_start(repo, env, "second")
-        wait_for(lambda: _newest_step(folder) > killed_at, 300, "a checkpoint past the first kill")
+        wait_for(lambda: checkpoint.newest_step(folder) > killed_at, 300, "a checkpoint past the first kill")
         holder = checkpoint.lock_path(folder).read_text().split()
         assert holder[0] == "pid", holder
         os.kill(int(holder[1]), signal.SIGKILL)
         wait_for(lambda: _queue_state(repo, env, "second") == "Failed", 120, "`second` to stop")
-        second_killed_at = _newest_step(folder)
+        second_killed_at = checkpoint.newest_step(folder)
         assert killed_at < second_killed_at < 192
         second_log = run([DVC, "queue", "logs", "second"], repo, env).stdout
         assert f"resuming from {folder / f'step_{killed_at:09d}.pt'}" in second_log, second_log[-3000:]
@@ -117,7 +112,7 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(tmp_path):
                    {**env, paths.CHECKPOINTS_ENV: str(elsewhere)})
     assert "resuming" not in straight.stdout, straight.stdout[-3000:]
     assert [d.name for d in elsewhere.iterdir() if d.is_dir()] == [folder.name]
-    assert _newest_step(elsewhere / folder.name) == 192
+    assert checkpoint.newest_step(elsewhere / folder.name) == 192
     assert _generator_hashes((repo / "dvc.lock").read_text()) == resumed
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*")), "a queued experiment's copy was left behind"
 

@@ -62,8 +62,7 @@ def prepared_hash() -> str:
 
 
 def newest_step(root: Path) -> int:
-    found = checkpoint.list_checkpoints(root / run_dir(root))
-    return int(checkpoint.PATTERN.search(found[-1].name).group(1)) if found else 0
+    return max(checkpoint.newest_step(root / run_dir(root)), 0)
 
 
 def cyclegan_train(root: Path, *args: str) -> subprocess.Popen:
@@ -203,7 +202,7 @@ def test_a_new_run_says_what_else_the_checkpoints_folder_holds(tmp_path, capsys)
     root = tmp_path / "checkpoints"
     root.mkdir()
     (root / "step_000000004.pt").write_bytes(bytes(3 * 2**20))  # an earlier version's, alone
-    assert checkpoint.open_run(root, "0123456789abcdef", {"world": 1}, fresh=False) is None
+    assert checkpoint.open_run(root, "0123456789abcdef", {"world": 1}) is None
     note = (f"cyclegan train: starting afresh in {root / '0123456789abcdef'}; {root} also holds checkpoints "
             f"of "
             f"an earlier version (3 MiB), kept: delete what you no longer need\n")
@@ -212,7 +211,7 @@ def test_a_new_run_says_what_else_the_checkpoints_folder_holds(tmp_path, capsys)
     for n, other in enumerate(("fedcba9876543210", "ffffffffffffffff"), start=1):
         (root / other).mkdir()
         (root / other / "step_000000008.pt").write_bytes(bytes(2**20))
-        checkpoint.open_run(root, "0123456789abcdef", {"world": 1}, fresh=False)
+        checkpoint.open_run(root, "0123456789abcdef", {"world": 1})
         runs = "1 other run" if n == 1 else "2 other runs"
         assert (f"also holds {runs} and checkpoints of an earlier version ({3 + n} MiB), kept"
                 in capsys.readouterr().out)

@@ -14,8 +14,8 @@ what defines the result (`fingerprint`: the params, the data and the training co
 other params starts in its own folder and leaves the others as they are; nothing is deleted but by
 `--fresh`, which clears this run's folder. How the run executes (precision, memory layout,
 deterministic kernels, device) may change between a run and its resumption; the number of
-processes may not, since each process's image pools and RNG streams are part of the state
-(`open_run`).
+processes may not, since each process's image pools and RNG streams are part of the state: it is
+in the fingerprint, so another number is another run.
 
 One process at a time trains a run: `hold_run` locks its folder for as long as training lasts, so
 a second process with the same fingerprint (an experiment queued twice, a re-queued one whose
@@ -46,21 +46,26 @@ from .fileio import atomic_path
 
 PATTERN = re.compile(r"step_(\d{9})\.pt$")
 # Params that define what is trained are in the fingerprint; these (logging, checkpoint cadence,
-# where it runs, and options that change the rounding but not the arithmetic) may change between a
-# run and its resumption. The precision setting is in the fingerprint: bf16 is other arithmetic,
-# and `dvc exp run -S train.precision=bf16` asks for a model trained so; but `auto`, whatever it
-# resolves to on the machine at hand, resumes `auto`.
-NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "log_every", "checkpoint_every", "keep_checkpoints",
-                             "eval_every", "max_steps", "compile", "channels_last", "deterministic")
+# where it runs, how its processes are started (their number is in it), and options that change
+# the rounding but not the arithmetic) may change between a run and its resumption. The
+# precision setting is in the fingerprint: bf16 is other arithmetic, and `dvc exp run -S
+# train.precision=bf16` asks for a model trained so; but `auto`, whatever it resolves to on the
+# machine at hand, resumes `auto`.
+NON_SEMANTIC_TRAIN_PARAMS = ("device", "threads", "nproc_per_node", "log_every", "checkpoint_every",
+                             "keep_checkpoints", "eval_every", "max_steps", "compile", "channels_last",
+                             "deterministic")
 
 
 def fingerprint(cfg: Config, data_hash: str, code_hash: str,
-                init_hashes: dict[str, str] | None = None) -> str:
+                init_hashes: dict[str, str] | None = None, world: int = 1) -> str:
     """The run a checkpoint belongs to: every param that defines what is trained, the data, and
     the code that trains it (cyclegan.code_closure: a change there makes DVC rerun the stage, and a
     resumed run would mix two versions of the algorithm), and the content (sha256) of the
     generators it starts from, `init_hashes` (train.init_from; their paths are not in it: the same
     weights under another name are the same run).
+
+    The number of training processes, `world`, is in it: the global batch is world x batch_size.
+    Not how they were started (train.nproc_per_node, or torchrun on one or several machines).
 
     Not how it executes: the device, channels_last, compile or deterministic kernels round
     differently but train the same model, so a run may resume under other settings; so may
@@ -72,6 +77,8 @@ def fingerprint(cfg: Config, data_hash: str, code_hash: str,
            "no_flip": cfg.data.no_flip, "data": data_hash, "code": code_hash}
     if init_hashes:  # absent from scratch, so such runs keep the key they had before init_from
         key["init"] = init_hashes
+    if world > 1:  # likewise absent for one process
+        key["world"] = world
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -132,9 +139,15 @@ def load_latest(folder: Path) -> tuple[dict[str, Any], Path] | None:
     return None
 
 
+def newest_step(folder: Path) -> int:
+    """The step of the newest checkpoint in `folder`; -1 when there is none."""
+    files = list_checkpoints(folder)
+    return int(PATTERN.search(files[-1].name).group(1)) if files else -1
+
+
 def clear(folder: Path) -> None:
     for path in list_checkpoints(folder):
-        path.unlink()
+        path.unlink(missing_ok=True)  # each machine's first process clears the folder; it may be shared
 
 
 def run_folder(root: Path, fingerprint: str) -> Path:
@@ -168,16 +181,15 @@ def hold_run(folder: Path) -> Iterator[None]:
             f.truncate(0)  # the next holder writes its own name; a stale one must not linger
 
 
-def open_run(root: Path, fingerprint: str, execution: dict[str, Any], fresh: bool) -> dict[str, Any] | None:
+def open_run(root: Path, fingerprint: str, execution: dict[str, Any]) -> dict[str, Any] | None:
     """The newest checkpoint of this run (root/<fingerprint>), or None to start afresh.
 
     `execution` says how this process runs (world, device, bf16, ...); it is saved with each
-    checkpoint. A different number of processes stops here with one line: the state holds one
-    pool and RNG stream per process. Other differences are resumed, and named.
+    checkpoint. A different number of processes stops here with one line (the number is in the
+    fingerprint; checkpoints of earlier versions lack it): the state holds one pool and RNG
+    stream per process. Other differences are resumed, and named.
     """
     folder = run_folder(root, fingerprint)
-    if fresh:
-        clear(folder)
     loaded = load_latest(folder)
     if loaded is None:
         _note_other_runs(root, folder)

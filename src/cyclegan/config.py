@@ -87,8 +87,13 @@ class TrainConfig:
     lambda_gp: float = 10.0
     # "auto" picks cuda when available, else cpu.
     device: str = "auto"
-    # CPU threads for torch; 0 keeps torch's default.
+    # CPU threads for torch; 0 keeps torch's default (with several processes on this machine, the
+    # cores shared out among them).
     threads: int = 0
+    # Training processes on this machine: above 1, `cyclegan train` starts that many under torch's
+    # elastic launcher (as `torchrun --standalone --nproc_per_node N` would), one per GPU, or on
+    # CPUs with Gloo. The global batch is processes x batch_size.
+    nproc_per_node: int = 1
     # "auto": fp32 (on Ampere and later GPUs cuDNN runs fp32 convolutions as TF32, torch's
     # default; translate and evaluate run in true fp32) until evidence shows bf16 trains as well
     # (README: bf16 against fp32). "bf16": bf16 autocast, on GPUs with native bf16 and on CPUs with
@@ -252,7 +257,7 @@ def _check(cfg: Config) -> None:
         if not 0 <= flat[key] < 1:
             fail(key, f"must be in [0, 1), got {flat[key]}")
     positive = ("data.load_size", "data.crop_size", "model.ngf", "model.ndf", "model.n_layers_D",
-                "train.batch_size", "train.log_every", "train.checkpoint_every",
+                "train.batch_size", "train.nproc_per_node", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "eval.batch_size", "data.toy.image_size",
                 "data.toy.n_train_a", "data.toy.n_train_b", "data.toy.n_test")
     for key in positive:
@@ -317,12 +322,35 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path = PARAMS_FILE) -> Config:
-    path = Path(path)
+def _read_params(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError(f"{path}: not found; run cyclegan from the project root (where params.yaml is)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_config(path: str | Path = PARAMS_FILE) -> Config:
+    return config_from_dict(_read_params(Path(path)))
+
+
+def load_config_with(overrides: dict[str, Any], path: str | Path = PARAMS_FILE) -> Config:
+    """params.yaml with `overrides` (dotted key -> value, what `dvc exp run -S key=value` sets)
+    applied, validated. A key must already be in the file: DVC refuses to add one with -S."""
+    path = Path(path)
+    raw = _read_params(path)
+    for key, value in overrides.items():
+        node, *parents = raw, *key.split(".")[:-1]
+        for depth, part in enumerate(parents):
+            group = ".".join(parents[:depth + 1])
+            if part not in node:
+                raise ConfigError(f"{path} has no key '{group}' (in '{key}')")
+            node = node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: '{group}' is a value, not a group of keys; there is no '{key}'")
+        leaf = key.split(".")[-1]
+        if leaf not in node:
+            raise ConfigError(f"{path} has no key '{key}'; keys there: {', '.join(sorted(map(str, node)))}")
+        node[leaf] = value
     return config_from_dict(raw)

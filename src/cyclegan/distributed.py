@@ -6,6 +6,9 @@ training code reads the same either way.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -49,13 +52,21 @@ class Distributed:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's obj on every rank: one disk read, and no shared file system needed across nodes."""
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s obj on every rank: one disk read, and no shared file system needed across nodes."""
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
         """`values` reduced over the ranks, in place: op is "sum", "min" or "max"."""
@@ -96,3 +107,42 @@ def join(device_setting: str) -> tuple[Distributed, torch.device]:
 def leave(ddp: Distributed) -> None:
     if ddp.active:
         dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """Whether this process is a worker of a torchrun (or elastic launcher) job."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch(nproc: int, device_setting: str, argv: list[str]) -> None:
+    """Run `python argv` as `nproc` processes of one job on this machine and wait for them.
+
+    torch's elastic launcher, set up as `torchrun --standalone --nproc_per_node nproc` sets it up
+    (c10d rendezvous on a free loopback port), so that the pipeline's `cyclegan train` and a
+    torchrun command line train the same run. No restarts: a worker's failure (bad params, a full
+    disk) would only fail again; rerunning resumes from the last checkpoint.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    device = resolve_device(device_setting, "train.device")
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"train.nproc_per_node is {nproc} but {torch.cuda.device_count()} GPUs are visible; "
+                        f"lower it to at most {torch.cuda.device_count()}")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+                          max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)(*argv)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        how = f"exit code {failure.exitcode}"
+        if failure.exitcode < 0:
+            how = f"killed by {signal.Signals(-failure.exitcode).name}"
+        raise UserError(f"training process {rank} of {nproc} stopped ({how}); its error is above. "
+                        f"Run again to resume from the last checkpoint") from None
+    except SignalException as e:
+        raise UserError(f"stopped by {e.sigval.name}; its {nproc} training processes were stopped. Run again "
+                        f"to resume from the last checkpoint") from None
+

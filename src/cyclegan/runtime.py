@@ -23,8 +23,13 @@ def configure_torch(cfg: Config, device: torch.device, rank: int) -> None:
     """Process-wide settings for training: threads, deterministic kernels or cuDNN autotuning, and
     the global RNG's seed."""
     t = cfg.train
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # Each process would take every core (torch's default): the cores are shared out instead,
+        # as torchrun's OMP_NUM_THREADS=1 does on a machine with a core per process.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     if t.deterministic:
         # Deterministic mode costs GPU speed: cuDNN stops benchmarking convolution algorithms
         # and uses only its deterministic ones (often not the fastest), cuBLAS gets a fixed

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from .. import checkpoint, code_closure, generator_init, generator_mlflow, paths
 from ..config import Config
 from ..prepared_data import PositionSampler, PreparedDataset, UnpairedTrainSet, batch_to_device
 from ..device import exact_fp32
-from ..distributed import Distributed, join, leave
+from ..distributed import Distributed, join, launch, launched, leave
 from ..errors import UserError
 from ..fid_kid import fid_kid
 from ..figures import sample_grid
@@ -166,16 +167,36 @@ def _open_dataset(cfg: Config, ddp: Distributed) -> tuple[PreparedDataset, Unpai
 
 def _open_checkpoint(root: Path, fp: str, execution: dict[str, Any], fresh: bool, ddp: Distributed,
                      held: contextlib.ExitStack) -> dict[str, Any] | None:
-    """Rank 0 locks the run for this process (`held` keeps the lock) and reads its newest checkpoint,
-    then hands it, or its one-line error, to every rank."""
-    found: tuple[dict[str, Any] | None, str | None] = (None, None)
+    """Rank 0 locks the run for this process (`held` keeps the lock); the newest checkpoint of the
+    run, wherever it is, is read and handed to every rank, or its one-line error is.
+
+    Rank 0 alone writes checkpoints, on its own machine's disk: without a shared file system, a
+    job started again may find its rank 0 on another machine (c10d rendezvous ranks machines by
+    their address and process id), so every rank looks in its own checkpoint folder and the
+    newest one found anywhere is the one resumed.
+    """
+    error = None
+    folder = checkpoint.run_folder(root, fp)
     if ddp.main:
         try:
-            held.enter_context(checkpoint.hold_run(checkpoint.run_folder(root, fp)))
-            found = (checkpoint.open_run(root, fp, execution, fresh), None)
+            held.enter_context(checkpoint.hold_run(folder))
         except UserError as e:
-            found = (None, str(e))
-    state, error = ddp.broadcast(found)
+            error = str(e)
+    error = ddp.broadcast(error)
+    if error:
+        raise UserError(error)
+    if fresh and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        checkpoint.clear(folder)  # on every machine: a later restart must not find the old run's
+    ddp.barrier()
+    found = ddp.all_gather(checkpoint.newest_step(folder))
+    source = max(range(ddp.world), key=lambda r: (found[r], -r))  # rank 0 where it has the newest
+    opened: tuple[dict[str, Any] | None, str | None] = (None, None)
+    if ddp.rank == source:
+        try:
+            opened = (checkpoint.open_run(root, fp, execution), None)
+        except UserError as e:
+            opened = (None, str(e))
+    state, error = ddp.broadcast(opened, src=source)
     if error:
         raise UserError(error)
     return state
@@ -222,10 +243,20 @@ class Run:
 
 
 def main(cfg: Config, args=None) -> None:
+    fresh = bool(getattr(args, "fresh", False))
+    nproc = cfg.train.nproc_per_node
+    if nproc > 1 and not launched():
+        launch(nproc, cfg.train.device, ["-m", "cyclegan", "--params", getattr(args, "params", "params.yaml"),
+                                         "train", *(["--fresh"] if fresh else [])])
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if nproc > 1 and local_world != nproc:
+        raise UserError(f"train.nproc_per_node is {nproc} but torchrun started {local_world} processes on "
+                        f"this machine: set it to {local_world}, or to 1 and let torchrun's options decide")
     ddp, device = join(cfg.train.device)
     try:
         with contextlib.ExitStack() as held:  # the run's lock, from when train knows which run it is
-            train(cfg, ddp, device, held, fresh=bool(getattr(args, "fresh", False)))
+            train(cfg, ddp, device, held, fresh)
     finally:
         leave(ddp)
 
@@ -262,7 +293,7 @@ def _set_up(cfg: Config, ddp: Distributed, device: torch.device, held: contextli
         model.nets[name].load_state_dict(init.state_dict)
     fp = checkpoint.fingerprint(cfg, data.manifest.get("content_sha256", ""),
                                 code_closure.sources_sha256("train"),
-                                {name: init.sha256 for name, init in initial.items()})
+                                {name: init.sha256 for name, init in initial.items()}, ddp.world)
     checkpoints = paths.checkpoints_root()
     folder = checkpoint.run_folder(checkpoints, fp)
     execution = {"world": ddp.world, "device": device.type, "bf16": model.bf16,
