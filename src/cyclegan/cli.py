@@ -19,6 +19,7 @@ STAGES = {
     "compare": "Compare experiments (dvc exp show or MLflow) against a param",
     "import-authors": "Convert one of the authors' generators (an official name or a .pth) to our file",
     "log-pending": "Log to the MLflow server what train kept while the server was unreachable",
+    "sweep": "Run a parameter grid as a SLURM job array, one dvc exp run per task",
 }
 # Commands that work outside a project: they read no params.yaml.
 NO_PARAMS = {"import-authors"}

@@ -124,7 +124,11 @@ def _use_experiment(mlflow) -> None:
                                          artifact_location=(paths.project_root() / "mlruns").as_uri())
             except mlflow.exceptions.MlflowException:
                 pass  # created meanwhile by a parallel queued experiment
-        mlflow.set_experiment(EXPERIMENT)
+        experiment = mlflow.set_experiment(EXPERIMENT)
+        # When a parallel process (a sweep's other task on a new server) creates the experiment
+        # between its look-up and its creation, MLflow's set_experiment returns it without making it
+        # the active one (3.17), and the run would go to "Default"; by id it always does.
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
 
 
 def sample_image_key(direction: str) -> str:
