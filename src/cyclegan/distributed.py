@@ -93,6 +93,7 @@ def join(device_setting: str) -> tuple[Distributed, torch.device]:
     if world == 1:
         return Distributed(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    _refuse_restarts_on_a_shared_store()
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"rank {rank} wants GPU {local_rank} but {torch.cuda.device_count()} are "
@@ -102,6 +103,23 @@ def join(device_setting: str) -> tuple[Distributed, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return Distributed(dist.get_rank(), dist.get_world_size()), device
+
+
+def _refuse_restarts_on_a_shared_store() -> None:
+    """Stop before training when torchrun would restart the workers into a hang.
+
+    By default (torch 2.5 and later, up to the 2.14 pinned here) torchrun's c10d rendezvous hands
+    the workers its own store and keeps it across restarts, with the keys of the last attempt
+    still in it: a restarted worker can read a dead worker's address, and Gloo or NCCL then waits
+    for a connection that never comes, for the whole collective timeout (pytorch/pytorch#135712;
+    seen here in tests/test_ddp.py's two-machine test). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    each attempt gets a store of its own.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UserError(f"torchrun --max-restarts {restarts} can hang at its first restart (its rendezvous "
+                        f"store keeps the last attempt's addresses): start torchrun with "
+                        f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, with --rdzv-backend c10d")
 
 
 def leave(ddp: Distributed) -> None:
