@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from collections.abc import Iterator
@@ -35,6 +36,19 @@ from cyclegan import checkpoint, paths
 from cyclegan.datasets import toy
 from cyclegan.config import config_from_dict
 from cyclegan.prepared_data import MANIFEST
+
+# --- tiers ---------------------------------------------------------------------------------------
+
+# The tier of the test being set up (conftest.pytest_runtest_setup): fast, slow or long.
+CURRENT_TIER: str | None = None
+
+
+def require_tier(what: str) -> None:
+    """Fail a `make test-fast` test that starts `what` (a server, a cluster, a browser, a DVC
+    pipeline): such a test must be marked slow, so that the fast tier stays minutes."""
+    if CURRENT_TIER == "fast":
+        pytest.fail(f"a fast test starts {what}: mark it @pytest.mark.slow (README: Tests)")
+
 
 # --- params --------------------------------------------------------------------------------------
 
@@ -219,9 +233,19 @@ GIT_DVC_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_E
 def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
         timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `cmd` to its end; it must succeed (the failure shows the ends of its output)."""
+    require_tier_for_command(cmd)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def require_tier_for_command(cmd: list[str]) -> None:
+    """A command that runs a DVC pipeline (repro, exp run, queue start) belongs to the slow tier."""
+    words = [Path(str(c)).name for c in cmd[:5]]
+    if "dvc" in words:
+        rest = words[words.index("dvc") + 1:]
+        if rest[:1] == ["repro"] or rest[:2] in (["exp", "run"], ["queue", "start"]):
+            require_tier(f"a DVC pipeline (`dvc {' '.join(rest[:2])}`)")
 
 
 # --- DVC pipelines ----------------------------------------------------------------------------------
@@ -255,6 +279,32 @@ def pipeline_repo(dest: Path, overrides: dict) -> tuple[Path, dict]:
     return dest, env
 
 
+# The pipeline of the slow tests (conftest.reproduced_pipeline): TINY over the project's
+# params.yaml, 12 + 12 toy training images (2 epochs of 12 steps), 4 test images.
+PIPELINE_PARAMS = merge(TINY, {
+    "data": {"toy": {"image_size": 32, "n_train_a": 12, "n_train_b": 12, "n_test": 4}},
+    "train": {"log_every": 4, "checkpoint_every": 8},
+    "eval": {"batch_size": 4, "n_samples": 2},
+})
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    repo: Path  # committed after `dvc repro`: outputs in the workspace and the DVC cache
+    env: dict[str, str]  # of git and dvc commands in it
+    stdout: str  # of its `dvc repro`
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A copy of the git + DVC repo `src` (workspace, git, DVC cache, MLflow store) at `dest`,
+    without DVC's temp folder (its hash cache keys on inodes, and queued runs' copies)."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder).name == ".dvc" else []
+
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    return dest
+
+
 # --- servers ---------------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -274,6 +324,50 @@ def wait_for(condition, timeout: float, what: str, poll: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def exp_refs(repo: Path) -> dict[str, str]:
+    """Experiment name -> commit of each finished `dvc exp run` in `repo`, read from .git itself
+    (refs/exps/<baseline>/<name>, loose or packed): a wait that calls no subprocess."""
+    def is_experiment(parts: tuple[str, ...]) -> bool:  # not stash, celery/, exec/, temp/, apply/
+        return len(parts) == 3 and len(parts[0]) == 2
+
+    git = repo / ".git"
+    refs = {}
+    packed = git / "packed-refs"
+    if packed.exists():
+        for line in packed.read_text().splitlines():
+            sha, _, ref = line.partition(" ")
+            if ref.startswith("refs/exps/") and is_experiment(tuple(ref.split("/")[2:])):
+                refs[ref.rsplit("/", 1)[1]] = sha
+    exps = git / "refs" / "exps"
+    for path in exps.rglob("*") if exps.exists() else ():
+        if path.is_file() and is_experiment(path.relative_to(exps).parts):
+            try:
+                refs[path.name] = path.read_text().strip()
+            except FileNotFoundError:  # being packed or moved
+                pass
+    return refs
+
+
+def wait_for_experiments(repo: Path, env: dict[str, str], count: int, timeout: float, what: str) -> dict[str, str]:
+    """Wait until `count` experiments of `repo` have finished (their refs, checked twice a second);
+    every 30 s `dvc queue status` says whether one failed, which fails the test with its log.
+    Returns exp_refs."""
+    deadline = time.monotonic() + timeout
+    next_status = time.monotonic() + 30
+    while len(refs := exp_refs(repo)) < count:
+        if time.monotonic() > next_status:
+            status = run([str(VENV_BIN / "dvc"), "queue", "status"], repo, env).stdout
+            failed = [line.split()[1] for line in status.splitlines()[1:] if line.split()[-1:] == ["Failed"]]
+            if failed:
+                log = run([str(VENV_BIN / "dvc"), "queue", "logs", failed[0]], repo, env).stdout
+                pytest.fail(f"{what}: {failed} failed; `dvc queue logs {failed[0]}`:\n{log[-3000:]}")
+            next_status = time.monotonic() + 30
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} ({len(refs)} of {count} finished)")
+        time.sleep(0.5)
+    return refs
+
+
 def http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -285,7 +379,9 @@ def http_ok(url: str) -> bool:
 @contextmanager
 def background_process(cmd: list[str], log: Path, env: dict[str, str] | None = None,
                        cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-    """A background process in its own process group, ended with everything it started."""
+    """A background process (a server, a launcher) in its own process group, ended with everything
+    it started; only slow tests start one."""
+    require_tier(f"a background process ({Path(cmd[0]).name})")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     try:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from helpers import VENV_BIN, stop_process_group, wait_for
+from helpers import VENV_BIN, require_tier, stop_process_group, wait_for
 
 WEED = VENV_BIN / "weed"
 # Debian's postgresql package; `.ci/run` installs it where missing.
@@ -49,7 +49,9 @@ def free_ports(n: int) -> list[int]:
 @contextmanager
 def server_process(cmd: list[str], log: Path, env: dict[str, str] | None = None, stop_signal=signal.SIGTERM,
                    grace: float = 5.0) -> Iterator[subprocess.Popen]:
-    """`cmd` in its own process group; on exit `stop_signal`, then SIGKILL to the whole group."""
+    """`cmd` in its own process group; on exit `stop_signal`, then SIGKILL to the whole group.
+    Only slow tests start servers."""
+    require_tier(f"a server ({Path(cmd[0]).name})")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -135,6 +137,12 @@ def seaweedfs(folder: Path, buckets: tuple[str, ...] = ("cyclegan",), ports: lis
         yield server
 
 
+def create_bucket(server: S3Server, bucket: str) -> str:
+    """`bucket` on a running server (a module's own, on the session's SeaweedFS); returns its name."""
+    wait_for(lambda: s3_request_ok(server, bucket), 30, f"bucket {bucket} at {server.endpoint}", poll=0.5)
+    return bucket
+
+
 class Restartable:
     """A server that a test can stop (an outage) and start again: `start_server()` is a context
     manager that starts it (the same ports and data each time) and yields its description."""
@@ -162,10 +170,31 @@ def _as_postgres_user() -> list[str]:
     return ["runuser", "-u", POSTGRES_USER, "--"] if os.geteuid() == 0 else []
 
 
+@dataclass(frozen=True)
+class Postgres:
+    port: int
+    password: str
+
+    def database(self, name: str) -> str:
+        """A new database `name` (a module's own); its SQLAlchemy URI (psycopg2: SQLAlchemy 2.1
+        defaults to psycopg 3)."""
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", password=self.password,
+                                dbname="postgres", connect_timeout=5)
+        conn.autocommit = True  # CREATE DATABASE runs outside a transaction
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(f"CREATE DATABASE {name}")
+        finally:
+            conn.close()
+        return f"postgresql+psycopg2://postgres:{self.password}@127.0.0.1:{self.port}/{name}"
+
+
 @contextmanager
-def postgresql(password: str = "pg-test-password", database: str = "mlflow") -> Iterator[str]:
-    """A PostgreSQL server of its own (initdb in a temp folder) on a free 127.0.0.1 port, with
-    `database`; yields its SQLAlchemy URI (psycopg2: SQLAlchemy 2.1 defaults to psycopg 3). Skips where Debian's postgresql package is missing."""
+def postgresql(password: str = "pg-test-password") -> Iterator[Postgres]:
+    """A PostgreSQL server of its own (initdb in a temp folder) on a free 127.0.0.1 port. Skips
+    where Debian's postgresql package is missing."""
     if not (POSTGRES_BIN / "postgres").exists():
         pytest.skip(f"PostgreSQL is not installed ({POSTGRES_BIN}): `.ci/run` installs Debian's postgresql")
     # Not under pytest's tmp folders: they are private to root, and the server runs as nobody.
@@ -186,23 +215,17 @@ def postgresql(password: str = "pg-test-password", database: str = "mlflow") -> 
         with server_process(cmd, log, stop_signal=signal.SIGINT) as proc:
             import psycopg2
 
-            def create_database() -> bool:
+            def answers() -> bool:
                 try:
-                    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password,
-                                            dbname="postgres", connect_timeout=2)
+                    psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password,
+                                     dbname="postgres", connect_timeout=2).close()
                 except psycopg2.OperationalError:
                     return proc.poll() is not None
-                conn.autocommit = True  # CREATE DATABASE runs outside a transaction
-                try:
-                    with conn.cursor() as cursor:
-                        cursor.execute(f"CREATE DATABASE {database}")
-                finally:
-                    conn.close()
                 return True
 
-            wait_for(create_database, 60, f"PostgreSQL on 127.0.0.1:{port}", poll=0.3)
+            wait_for(answers, 60, f"PostgreSQL on 127.0.0.1:{port}", poll=0.3)
             assert proc.poll() is None, log.read_text()[-3000:]
-            yield f"postgresql+psycopg2://postgres:{password}@127.0.0.1:{port}/{database}"
+            yield Postgres(port, password)
         shutil.rmtree(log.parent, ignore_errors=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -221,7 +244,10 @@ def write_auth_config(folder: Path, admin: tuple[str, str]) -> Path:
     config = configparser.ConfigParser()
     config["mlflow"] = {"default_permission": "READ", "database_uri": f"sqlite:///{folder / 'basic_auth.db'}",
                         "admin_username": admin[0], "admin_password": admin[1],
-                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
+                        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+                        # As the README's recipe: without it every request costs the server a
+                        # password hash (a core while a training logs, measured with py-spy).
+                        "auth_cache_ttl_seconds": "60"}
     path = folder / "basic_auth.ini"
     with open(path, "w") as f:
         config.write(f)
@@ -230,13 +256,13 @@ def write_auth_config(folder: Path, admin: tuple[str, str]) -> Path:
 
 @contextmanager
 def mlflow_server(folder: Path, backend_uri: str, s3: S3Server, admin: tuple[str, str] | None = None,
-                  port: int | None = None) -> Iterator[Tracking]:
-    """`mlflow server` as the README runs it: the database, artifacts on S3 served through the
-    server, and with `admin` the basic-auth app."""
+                  port: int | None = None, bucket: str = "mlflow") -> Iterator[Tracking]:
+    """`mlflow server` as the README runs it: the database, artifacts on S3 (in `bucket`) served
+    through the server, and with `admin` the basic-auth app."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_ports(1)[0]
     cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", backend_uri, "--artifacts-destination", "s3://mlflow/artifacts",
+           "--backend-store-uri", backend_uri, "--artifacts-destination", f"s3://{bucket}/artifacts",
            "--serve-artifacts"]
     env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -79,6 +79,7 @@ def exp_show(dvc_repo) -> list:
     return json.loads(dvc("exp", "show", "--json", cwd=dvc_repo))
 
 
+@pytest.mark.slow
 def test_parse_dvc_exp_show(exp_show):
     df = parse_dvc_exp_show(exp_show)
     by_name = df.set_index("experiment")
@@ -107,6 +108,7 @@ def test_metric_never_hides_a_param():
     assert row["id"] == "a" * 7
 
 
+@pytest.mark.slow
 def test_select_sorts_by_param_and_keeps_varying_params(dvc_repo):
     comparison = select(load_dvc(dvc_repo))
     table = comparison.table
@@ -118,6 +120,7 @@ def test_select_sorts_by_param_and_keeps_varying_params(dvc_repo):
     assert list(table["fid_A2B"]) == [100.0, 90.0]
 
 
+@pytest.mark.slow
 def test_select_errors_name_what_exists(dvc_repo):
     df = load_dvc(dvc_repo)
     with pytest.raises(UserError, match=r"--param lambda_idt: no experiment has it; known columns: "
@@ -134,6 +137,7 @@ def test_load_dvc_outside_a_repo(tmp_path):
         load_dvc(tmp_path)
 
 
+@pytest.mark.slow
 def test_main_writes_csv_markdown_and_plot(dvc_repo, monkeypatch, capsys):
     monkeypatch.chdir(dvc_repo)
     compare.main(None, Namespace(param="lambda_identity", metrics=["fid_A2B", "kid_A2B"], source="dvc"))
@@ -333,9 +337,7 @@ def _exp_states(repo: Path) -> dict[str, tuple[str, str]]:
 
 @pytest.mark.slow
 def test_queued_seed_sweep_groups_by_setting_and_links_dvc_commits(tmp_path, monkeypatch):
-    import time
-
-    from helpers import mlflow_client
+    from helpers import mlflow_client, wait_for_experiments
 
     repo = tmp_path / "sweep"
     repo.mkdir()
@@ -361,11 +363,9 @@ def test_queued_seed_sweep_groups_by_setting_and_links_dvc_commits(tmp_path, mon
     baseline = _run(["git", "rev-parse", "HEAD"], repo).strip()
     dvc("exp", "run", "--queue", "-S", "lambda_identity=0,1", "-S", "seed=0,1", cwd=repo)
     try:
-        dvc("queue", "start", "-j", "1", cwd=repo)
-        deadline = time.monotonic() + 300
-        while not (states := _exp_states(repo)) or any(s not in ("success", "failed") for s, _ in states.values()):
-            assert time.monotonic() < deadline, f"the queue did not finish: {states}"
-            time.sleep(2)
+        dvc("queue", "start", "-j", "2", cwd=repo)
+        wait_for_experiments(repo, dvc_env(), 4, 300, "the queued seed sweep")
+        states = _exp_states(repo)
     finally:
         subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=repo,
                        env=dvc_env(), capture_output=True, timeout=120)

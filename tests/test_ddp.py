@@ -32,7 +32,7 @@ from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
 from helpers import (VENV_BIN, assert_same_gradients, background_process, enter_project, free_port,
                      generator_weights, make_project, merge, mlflow_client, pipeline_repo, project_env, read_losses,
-                     record_gradients, run, run_dir, run_id, run_train, set_params, wait_for)
+                     record_gradients, require_tier, run, run_dir, run_id, run_train, set_params, wait_for)
 
 # Compared steps: from the third, rounding differences grow past 1e-4 (see the torchrun test).
 STEPS = 2
@@ -90,12 +90,14 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(tmp_path):
 
 
 def torchrun(root: Path, nproc: int = 2, *options: str) -> subprocess.CompletedProcess:
+    require_tier("torchrun (its rendezvous server)")
     env = {k: v for k, v in project_env(root).items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *options, "-m", "cyclegan", "train"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_on_its_shared_store_are_refused_before_training(tmp_path):
     # torch's default store for restarts keeps the last attempt's keys: restarted workers hang.
     make_project(tmp_path)

@@ -187,6 +187,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.load(e)
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_translates_a_posted_image(in_project, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -13,18 +14,13 @@ from pathlib import Path
 import pytest
 
 from cyclegan.model import LOSS_TERMS
-from helpers import TINY, VENV_BIN, merge, pipeline_repo, run
-
-# The smallest params that still run every stage for real: TINY over the project's params.yaml.
-PARAMS = merge(TINY, {
-    "data": {"toy": {"image_size": 32, "n_train_a": 24, "n_train_b": 24, "n_test": 6}},
-    "train": {"log_every": 4, "checkpoint_every": 8},
-    "eval": {"batch_size": 6, "n_samples": 2},
-})
-
+from helpers import PIPELINE_PARAMS, VENV_BIN, copy_repo, run
 
 # The README's `dvc exp show --only-changed --drop ...`: the dependency hash columns.
 DROP_FILE_COLUMNS = "^(data|models|metrics)/"
+N_TEST = PIPELINE_PARAMS["data"]["toy"]["n_test"]
+# 2 epochs of 12 steps (PIPELINE_PARAMS).
+STEPS = (PIPELINE_PARAMS["train"]["n_epochs"] + PIPELINE_PARAMS["train"]["n_epochs_decay"]) * 12
 
 
 def find_params(exp: dict) -> dict:
@@ -37,17 +33,10 @@ def results(project: Path) -> tuple[dict, str]:
             (project / "metrics/train_losses.csv").read_text())
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    """One uninterrupted `dvc repro` of PARAMS: the project, its env, its results and dvc.lock."""
-    project, env = pipeline_repo(tmp_path_factory.mktemp("repro") / "project", PARAMS)
-    run([str(VENV_BIN / "dvc"), "repro"], project, env)
-    return project, env, results(project), (project / "dvc.lock").read_text()
-
-
 @pytest.mark.slow
-def test_repro_then_experiment(reproduced):
-    project, env, _, _ = reproduced
+def test_repro_then_experiment(reproduced_pipeline, tmp_path):
+    # The session's `dvc repro` of PIPELINE_PARAMS (conftest), committed; a copy of it.
+    project, env = copy_repo(reproduced_pipeline.repo, tmp_path / "project"), reproduced_pipeline.env
 
     for out in ("data/raw/toy_horse2zebra", "data/prepared/toy_horse2zebra/manifest.json",
                 "models/G_A.safetensors", "models/G_B.safetensors", "metrics/train.json",
@@ -55,21 +44,20 @@ def test_repro_then_experiment(reproduced):
                 "metrics/eval.json", "metrics/eval_details.json", "reports/index.html",
                 "reports/dataset_preview.png", "dvc.lock"):
         assert (project / out).exists(), out
-    assert len(list((project / "data/translated/A2B").glob("*.png"))) == 6
+    assert len(list((project / "data/translated/A2B").glob("*.png"))) == N_TEST
     metrics = json.loads((project / "metrics/eval.json").read_text())
     for key in ("fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A", "fid_baseline", "kid_baseline",
                 "gt_l1_A2B", "gt_l1_identity"):
         assert math.isfinite(metrics[key]), key
     train = json.loads((project / "metrics/train.json").read_text())
     assert len(train) == 8 and all(math.isfinite(v) for v in train.values())
-    assert (project / "metrics/train_losses.csv").read_text().splitlines()[-1].startswith("48,")
+    assert (project / "metrics/train_losses.csv").read_text().splitlines()[-1].startswith(f"{STEPS},")
+    assert "Running stage 'train'" in reproduced_pipeline.stdout
 
-    # Nothing changed: a second repro runs no stage.
+    # Nothing changed: a second repro runs no stage (in another folder: DVC hashes its files anew).
     again = run([str(VENV_BIN / "dvc"), "repro"], project, env)
     assert "didn't change, skipping" in again.stdout and "Running stage 'train'" not in again.stdout
-
-    run(["git", "add", "-A"], project, env)
-    run(["git", "commit", "-qm", "baseline"], project, env)
+    assert run(["git", "status", "--porcelain"], project, env).stdout == ""
     run([str(VENV_BIN / "dvc"), "exp", "run", "-S", "lambda_cycle=5"], project, env)
     shown = json.loads(run([str(VENV_BIN / "dvc"), "exp", "show", "--json"], project, env).stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
@@ -112,8 +100,16 @@ def test_repro_then_experiment(reproduced):
 
 
 @pytest.mark.slow
-def test_repro_killed_mid_training_then_rerun_ends_with_the_same_metrics(tmp_path, reproduced):
-    project, env = pipeline_repo(tmp_path / "project", PARAMS)
+def test_repro_killed_mid_training_then_rerun_ends_with_the_same_metrics(tmp_path, reproduced_pipeline):
+    # A copy of the session's pipeline that never trained: its training outputs and checkpoints
+    # removed, and DVC's cache (which would give them back), so that `dvc repro` trains from the
+    # outputs of download and prepare, as on a fresh clone.
+    project, env = copy_repo(reproduced_pipeline.repo, tmp_path / "project"), reproduced_pipeline.env
+    expected = results(project), (project / "dvc.lock").read_text()
+    shutil.rmtree(project / ".dvc/cache")
+    shutil.rmtree(project / "models/checkpoints")
+    for out in ("models/G_A.safetensors", "models/G_B.safetensors", "metrics/eval.json"):
+        (project / out).unlink()
     checkpoints = project / "models/checkpoints"
     dvc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro"], cwd=project, env=env, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -128,7 +124,8 @@ def test_repro_killed_mid_training_then_rerun_ends_with_the_same_metrics(tmp_pat
     assert not (project / "metrics/eval.json").exists()
 
     again = run([str(VENV_BIN / "dvc"), "repro"], project, env)
+    assert "Running stage 'prepare'" not in again.stdout
     assert re.search(r"cyclegan train: resuming from models/checkpoints/[0-9a-f]{16}/step_", again.stdout)
-    assert results(project) == reproduced[2]
-    # Another clone, killed and resumed: every output DVC hashes has the same bytes.
-    assert (project / "dvc.lock").read_text() == reproduced[3]
+    assert results(project) == expected[0]
+    # Killed and resumed: every output DVC hashes has the same bytes as the uninterrupted run's.
+    assert (project / "dvc.lock").read_text() == expected[1]

@@ -17,7 +17,8 @@ import yaml
 
 from cyclegan import checkpoint, paths
 from cyclegan.errors import UserError
-from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, run, run_dir, run_train, wait_for
+from helpers import (TINY, VENV_BIN, make_project, merge, pipeline_repo, run, run_dir, run_train, wait_for,
+                     wait_for_experiments)
 
 DVC = str(VENV_BIN / "dvc")
 
@@ -48,9 +49,28 @@ def _queue_and_start(repo: Path, env: dict, name: str) -> None:
 
 def _run_folder(repo: Path) -> Path:
     runs = wait_for(lambda: [d for d in (repo / paths.CHECKPOINTS).glob("*") if d.is_dir()], 300,
-                    "the queued experiment's run folder in the project's models/checkpoints")
+                    "the queued experiment's run folder in the project's models/checkpoints", poll=0.1)
     assert len(runs) == 1, runs
     return runs[0]
+
+
+def _trainer(folder: Path) -> int:
+    """The pid of the process training the run in `folder`, as its lock file names it."""
+    holder = checkpoint.lock_path(folder).read_text().split()
+    assert holder[0] == "pid", holder
+    return int(holder[1])
+
+
+def _wait_until_failed(repo: Path, env: dict, name: str, pid: int) -> None:
+    """The training process gone (watched in /proc), then `name` Failed in the queue."""
+    def gone() -> bool:
+        try:  # a zombie has exited: only its parent has yet to reap it
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_for(gone, 120, f"`{name}`'s training process to end", poll=0.2)
+    wait_for(lambda: _queue_state(repo, env, name) == "Failed", 120, f"`{name}` to stop", poll=2)
 
 
 def _exp_ref(repo: Path, env: dict, name: str) -> str:
@@ -73,21 +93,22 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(tmp_path):
         # 1. Killed like Ctrl-C (`dvc queue kill`) after its first checkpoint.
         _queue_and_start(repo, env, "first")
         folder = _run_folder(repo)
-        wait_for(lambda: checkpoint.newest_step(folder) >= 8, 300, "the first checkpoint")
+        wait_for(lambda: checkpoint.newest_step(folder) >= 8, 300, "the first checkpoint", poll=0.05)
         assert _queue_state(repo, env, "first") == "Running"
+        pid = _trainer(folder)
         run([DVC, "queue", "kill", "first"], repo, env)
-        wait_for(lambda: _queue_state(repo, env, "first") == "Failed", 120, "`first` to stop")
+        _wait_until_failed(repo, env, "first", pid)
         killed_at = checkpoint.newest_step(folder)
         assert killed_at < 192, "the run ended before it was killed: nothing to resume"
 
         # 2. Queued again, and SIGKILLed (an out-of-memory kill, a preempted node) past that point:
         # the lock file names the training process.
         _queue_and_start(repo, env, "second")
-        wait_for(lambda: checkpoint.newest_step(folder) > killed_at, 300, "a checkpoint past the first kill")
-        holder = checkpoint.lock_path(folder).read_text().split()
-        assert holder[0] == "pid", holder
-        os.kill(int(holder[1]), signal.SIGKILL)
-        wait_for(lambda: _queue_state(repo, env, "second") == "Failed", 120, "`second` to stop")
+        wait_for(lambda: checkpoint.newest_step(folder) > killed_at, 300, "a checkpoint past the first kill",
+                 poll=0.05)
+        pid = _trainer(folder)
+        os.kill(pid, signal.SIGKILL)
+        _wait_until_failed(repo, env, "second", pid)
         second_killed_at = checkpoint.newest_step(folder)
         assert killed_at < second_killed_at < 192
         second_log = run([DVC, "queue", "logs", "second"], repo, env).stdout
@@ -95,7 +116,7 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(tmp_path):
 
         # 3. Queued a third time: it resumes and finishes.
         _queue_and_start(repo, env, "third")
-        wait_for(lambda: _queue_state(repo, env, "third") in ("Success", "Failed"), 600, "`third` to finish")
+        wait_for_experiments(repo, env, 1, 600, "`third` to finish")  # the first two failed: no refs
         third_log = run([DVC, "queue", "logs", "third"], repo, env).stdout
         assert _queue_state(repo, env, "third") == "Success", third_log[-3000:]
         assert f"resuming from {folder / f'step_{second_killed_at:09d}.pt'}" in third_log, third_log[-3000:]

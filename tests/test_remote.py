@@ -13,22 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, VENV_BIN, dvc_env, merge, pipeline_repo, run
-from servers import Restartable, free_ports, seaweedfs
+from helpers import VENV_BIN, copy_repo, dvc_env, run
+from servers import create_bucket, free_ports
 
 DVC = str(VENV_BIN / "dvc")
-PARAMS = merge(TINY, {
-    "data": {"toy": {"image_size": 32, "n_train_a": 12, "n_train_b": 12, "n_test": 4}},
-    "train": {"log_every": 4, "checkpoint_every": 8},
-    "eval": {"batch_size": 4, "n_samples": 2},
-})
-REMOTE = "s3://cyclegan/store"
 EXPERIMENT = "cycle5"
 
 
-def add_remote(repo: Path, env: dict[str, str], s3) -> None:
+def add_remote(repo: Path, env: dict[str, str], s3, bucket: str) -> None:
     """The README's commands: the remote and its endpoint in .dvc/config, the keys in config.local."""
-    run([DVC, "remote", "add", "-d", "storage", REMOTE], repo, env)
+    run([DVC, "remote", "add", "-d", "storage", f"s3://{bucket}/store"], repo, env)
     run([DVC, "remote", "modify", "storage", "endpointurl", s3.endpoint], repo, env)
     set_keys(repo, env, s3)
 
@@ -39,29 +33,20 @@ def set_keys(repo: Path, env: dict[str, str], s3) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    folder, ports = tmp_path_factory.mktemp("s3"), free_ports(8)
-    server = Restartable(lambda: seaweedfs(folder, ports=ports))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def machine1(tmp_path_factory, s3):
-    """Clone 1: the pipeline and one experiment run, the remote configured, git pushed to a bare repo."""
+def machine1(tmp_path_factory, reproduced_pipeline, s3_server):
+    """Clone 1: the session's pipeline (conftest.reproduced_pipeline) and one experiment run, the
+    remote (a bucket of this module's on the session's S3 server) configured, git pushed to a bare
+    repo."""
     base = tmp_path_factory.mktemp("machines")
     origin = base / "origin.git"
     env = dvc_env()
     env.pop("MLFLOW_TRACKING_URI", None)
     run(["git", "init", "-q", "--bare", str(origin)], base, env)
-    repo, env = pipeline_repo(base / "clone1", PARAMS)
-    add_remote(repo, env, s3.server)
+    repo = copy_repo(reproduced_pipeline.repo, base / "clone1")
+    add_remote(repo, env, s3_server, create_bucket(s3_server, "remote"))
     run(["git", "remote", "add", "origin", str(origin)], repo, env)
-    run([DVC, "repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "baseline results"], repo, env)
+    run(["git", "commit", "-qm", "the DVC remote"], repo, env)
     run([DVC, "exp", "run", "-n", EXPERIMENT, "-S", "lambda_cycle=5"], repo, env)
     # Back to the baseline in the workspace; the experiment lives in its ref and the cache.
     run(["git", "checkout", "--", "."], repo, env)
@@ -70,15 +55,17 @@ def machine1(tmp_path_factory, s3):
 
 
 @pytest.mark.slow
-def test_push_to_an_unreachable_remote_fails_in_one_line_then_completes(machine1, s3):
+def test_push_to_an_unreachable_remote_fails_in_one_line_then_completes(machine1, s3_server):
     repo, _, env = machine1
-    s3.stop()
+    # The remote unreachable (nothing listens at its endpoint: a server down), then back.
+    run([DVC, "remote", "modify", "--local", "storage", "endpointurl", f"http://127.0.0.1:{free_ports(1)[0]}"],
+        repo, env)
     try:
         started = time.monotonic()
         proc = run_failing([DVC, "push"], repo, env)
         seconds = time.monotonic() - started
     finally:
-        s3.start()
+        run([DVC, "remote", "modify", "--local", "--unset", "storage", "endpointurl"], repo, env)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1, proc.stderr
     assert "failed to push" in errors[0] or "Unable to" in errors[0] or "connect" in errors[0].lower(), errors
@@ -98,7 +85,7 @@ def run_failing(cmd: list[str], cwd: Path, env: dict[str, str]):
 
 
 @pytest.mark.slow
-def test_a_second_machine_pulls_the_results_and_the_experiment(machine1, s3, tmp_path):
+def test_a_second_machine_pulls_the_results_and_the_experiment(machine1, s3_server, tmp_path):
     repo, origin, env = machine1
     run([DVC, "push"], repo, env)
     run(["git", "push", "-q", "origin", "HEAD:main"], repo, env)
@@ -106,12 +93,12 @@ def test_a_second_machine_pulls_the_results_and_the_experiment(machine1, s3, tmp
     tracked = run(["git", "ls-files"], repo, env).stdout.splitlines()
     assert ".dvc/config" in tracked and ".dvc/config.local" not in tracked
     history = run(["git", "log", "-p", "--all"], repo, env).stdout
-    assert s3.server.secret_key not in history and s3.server.access_key not in history
+    assert s3_server.secret_key not in history and s3_server.access_key not in history
 
     clone = tmp_path / "clone2"
     run(["git", "clone", "-q", "--branch", "main", str(origin), str(clone)], tmp_path, env)
     assert not (clone / ".dvc" / "cache").exists()  # its own, empty cache
-    set_keys(clone, env, s3.server)
+    set_keys(clone, env, s3_server)
     run([DVC, "pull"], clone, env)
     status = json.loads(run([DVC, "status", "--json"], clone, env).stdout)
     assert status == {"download": ["always changed"]}, status  # nothing to rerun

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, VENV_BIN, merge, pipeline_repo, run, wait_for
-from servers import mlflow_server, seaweedfs
+from servers import create_bucket, mlflow_server
 from slurm import slurm_cluster
 
 CYCLEGAN = str(VENV_BIN / "cyclegan")
@@ -227,13 +227,16 @@ def stop_one_after_its_first_checkpoint(cluster, job: str, folder: Path) -> tupl
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, s3_server):
     """The sweep submitted, task caught mid-training requeued, and all tasks finished."""
     base = tmp_path_factory.mktemp("sweep")
-    with slurm_cluster() as cluster, seaweedfs(base / "s3", buckets=("cyclegan", "mlflow")) as s3, \
-            mlflow_server(base / "mlflow", f"sqlite:///{base / 'mlflow.db'}", s3, admin=ADMIN) as tracking:
+    s3 = s3_server
+    dvc_bucket, mlflow_bucket = create_bucket(s3, "sweep-dvc"), create_bucket(s3, "sweep-mlflow")
+    with slurm_cluster() as cluster, \
+            mlflow_server(base / "mlflow", f"sqlite:///{base / 'mlflow.db'}", s3, admin=ADMIN,
+                          bucket=mlflow_bucket) as tracking:
         origin = base / "origin.git"
-        repo, env = project(base, origin, endpoint=s3.endpoint)
+        repo, env = project(base, origin, dvc_remote=f"s3://{dvc_bucket}/store", endpoint=s3.endpoint)
         # What a user's shell exports: the servers' URLs and keys, nothing of it in a file.
         env = cluster.env({**env, **s3.env(), "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking.url,
                            "MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]})

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, run, wait_for
-from servers import Restartable, free_ports, mlflow_server, postgresql, seaweedfs
+from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, run, wait_for, wait_for_experiments
+from servers import Restartable, create_bucket, free_ports, mlflow_server
 
 DVC = str(VENV_BIN / "dvc")
 ADMIN = ("admin", "admin-password-0123")
@@ -45,20 +45,21 @@ def api(url: str, path: str, body: dict | None, auth: tuple[str, str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """PostgreSQL, SeaweedFS and `mlflow server --app-name basic-auth` (restartable: the outage
-    test stops it), with the account `trainer` created by the admin."""
+def server(tmp_path_factory, postgres, s3_server):
+    """`mlflow server --app-name basic-auth` on a database and a bucket of this module's, on the
+    session's PostgreSQL and SeaweedFS (restartable: the outage test stops it), with the account
+    `trainer` created by the admin."""
     folder = tmp_path_factory.mktemp("tracking")
-    with postgresql() as database, seaweedfs(folder / "s3", buckets=("mlflow",)) as s3:
-        port = free_ports(1)[0]
-        tracking = Restartable(lambda: mlflow_server(folder / "mlflow", database, s3, admin=ADMIN, port=port))
-        try:
-            tracking.start()
-            api(tracking.server.url, "/api/2.0/mlflow/users/create", {"username": USER[0], "password": USER[1]},
-                ADMIN)
-            yield tracking
-        finally:
-            tracking.stop()
+    database, bucket = postgres.database("tracking"), create_bucket(s3_server, "tracking")
+    port = free_ports(1)[0]
+    tracking = Restartable(lambda: mlflow_server(folder / "mlflow", database, s3_server, admin=ADMIN, port=port,
+                                                 bucket=bucket))
+    try:
+        tracking.start()
+        api(tracking.server.url, "/api/2.0/mlflow/users/create", {"username": USER[0], "password": USER[1]}, ADMIN)
+        yield tracking
+    finally:
+        tracking.stop()
 
 
 def client_env(url: str, user: tuple[str, str] = USER) -> dict[str, str]:
@@ -122,6 +123,7 @@ def test_a_local_store_needs_no_server_and_urls_are_shown_without_credentials(tm
     assert "s3cret-pw" not in str(error.value) and f"http://***@127.0.0.1:{port}" in str(error.value)
 
 
+@pytest.mark.slow
 def test_train_stops_in_one_line_on_a_wrong_password(tmp_path, server, monkeypatch):
     make_project(tmp_path)
     wrong = (USER[0], "not-the-password-123")
@@ -147,14 +149,7 @@ def sweep(tmp_path_factory, server):
         subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
                        check=True, timeout=120)
 
-    def done() -> bool:
-        status = run([DVC, "queue", "status"], repo, env).stdout
-        assert "Failed" not in status, status + "\n".join(
-            run([DVC, "queue", "logs", line.split()[0]], repo, env).stdout[-3000:]
-            for line in status.splitlines() if "Failed" in line)
-        return "Queued" not in status and "Running" not in status
-
-    wait_for(done, 900, "the queued sweep", poll=5)
+    wait_for_experiments(repo, env, 2, 900, "the queued sweep")
     logs.append(run([DVC, "queue", "stop"], repo, env))
     logs.append(subprocess.CompletedProcess([], 0, (repo.parent / "queue-start.log").read_text(), ""))
     return repo, env, logs

@@ -31,7 +31,8 @@ from cyclegan import fileio
 from cyclegan.config import config_from_dict
 from cyclegan.errors import UserError
 from cyclegan.stages import download, prepare
-from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, project_env, read_losses, run, tracking_uri
+from helpers import (TINY, VENV_BIN, make_project, merge, pipeline_repo, project_env, read_losses, run, tracking_uri,
+                     wait_for, wait_for_experiments)
 
 DVC = str(VENV_BIN / "dvc")
 CYCLEGAN = str(VENV_BIN / "cyclegan")
@@ -511,14 +512,10 @@ def test_three_queued_experiments_two_at_a_time_each_with_its_own_run(user_proje
     env = user_project.env
     run([DVC, "exp", "run", "--queue", "-S", "lambda_identity=0,0.5,1"], root, env)
     run(["bash", "-c", ONE_WORKER_PER_GPU], root, env)  # the README's recipe: `dvc queue start -j 2`, one GPU each
-    deadline = time.monotonic() + 1200
-    while True:
-        status = run([DVC, "queue", "status"], root, env).stdout
-        tasks = [line.split()[-1] for line in status.splitlines()[1:] if line.split() and line.split()[0] != "Worker"]
-        if len(tasks) == 3 and all(t in ("Success", "Failed") for t in tasks) and "0 active" in status:
-            break
-        assert time.monotonic() < deadline, status + worker_logs(root)
-        time.sleep(3)
+    wait_for_experiments(root, env, 3, 1200, "three queued experiments")
+    status = wait_for(lambda: (s := run([DVC, "queue", "status"], root, env).stdout) and "0 active" in s and s,
+                      120, "the queue's workers to stop", poll=5)
+    tasks = [line.split()[-1] for line in status.splitlines()[1:] if line.split() and line.split()[0] != "Worker"]
     assert tasks == ["Success"] * 3, status + worker_logs(root)
     names = [line.split()[1] for line in status.splitlines()[1:4]]
     for name in names:
