@@ -39,6 +39,7 @@ def scope_of(nodeid: str) -> str:
     return SHARED_SCOPES.get(Path(path).stem, path)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist still loads this file
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` (the Makefile's) by scope_of, in collection order. (xdist's loadgroup
     does not group under pytest 9.2, which no longer reads the node ids xdist rewrites.)"""

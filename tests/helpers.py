@@ -244,7 +244,8 @@ def require_tier_for_command(cmd: list[str]) -> None:
     words = [Path(str(c)).name for c in cmd[:5]]
     if "dvc" in words:
         rest = words[words.index("dvc") + 1:]
-        if rest[:1] == ["repro"] or rest[:2] in (["exp", "run"], ["queue", "start"]):
+        queued_only = rest[:2] == ["exp", "run"] and "--queue" in map(str, cmd)
+        if rest[:1] == ["repro"] or (rest[:2] == ["exp", "run"] and not queued_only) or rest[:2] == ["queue", "start"]:
             require_tier(f"a DVC pipeline (`dvc {' '.join(rest[:2])}`)")
 
 
@@ -296,9 +297,13 @@ class Reproduced:
 
 
 def copy_repo(src: Path, dest: Path) -> Path:
-    """A copy of the git + DVC repo `src` (workspace, git, DVC cache, MLflow store) at `dest`,
-    without DVC's temp folder (its hash cache keys on inodes, and queued runs' copies)."""
+    """A copy of the git + DVC repo `src` (workspace, git, DVC cache) at `dest`, without DVC's temp
+    folder (its hash cache keys on inodes, and queued runs' copies) and without the MLflow store
+    (its experiment's artifact location is `src`'s own mlruns/: runs logged in the copy would
+    write there)."""
     def ignore(folder: str, names: list[str]) -> list[str]:
+        if Path(folder) == src:
+            return [n for n in names if n in ("mlflow.db", "mlflow.db.lock", "mlruns")]
         return ["tmp"] if Path(folder).name == ".dvc" else []
 
     shutil.copytree(src, dest, symlinks=True, ignore=ignore)
@@ -340,7 +345,7 @@ def exp_refs(repo: Path) -> dict[str, str]:
                 refs[ref.rsplit("/", 1)[1]] = sha
     exps = git / "refs" / "exps"
     for path in exps.rglob("*") if exps.exists() else ():
-        if path.is_file() and is_experiment(path.relative_to(exps).parts):
+        if path.is_file() and path.suffix != ".lock" and is_experiment(path.relative_to(exps).parts):
             try:
                 refs[path.name] = path.read_text().strip()
             except FileNotFoundError:  # being packed or moved
@@ -348,16 +353,18 @@ def exp_refs(repo: Path) -> dict[str, str]:
     return refs
 
 
-def wait_for_experiments(repo: Path, env: dict[str, str], count: int, timeout: float, what: str) -> dict[str, str]:
+def wait_for_experiments(repo: Path, env: dict[str, str], count: int, timeout: float, what: str,
+                         failed_before: tuple[str, ...] = ()) -> dict[str, str]:
     """Wait until `count` experiments of `repo` have finished (their refs, checked twice a second);
-    every 30 s `dvc queue status` says whether one failed, which fails the test with its log.
-    Returns exp_refs."""
+    every 30 s `dvc queue status` says whether one failed (other than `failed_before`), which fails
+    the test with its log. Returns exp_refs."""
     deadline = time.monotonic() + timeout
     next_status = time.monotonic() + 30
     while len(refs := exp_refs(repo)) < count:
         if time.monotonic() > next_status:
             status = run([str(VENV_BIN / "dvc"), "queue", "status"], repo, env).stdout
-            failed = [line.split()[1] for line in status.splitlines()[1:] if line.split()[-1:] == ["Failed"]]
+            failed = [line.split()[1] for line in status.splitlines()[1:]
+                      if line.split()[-1:] == ["Failed"] and line.split()[1] not in failed_before]
             if failed:
                 log = run([str(VENV_BIN / "dvc"), "queue", "logs", failed[0]], repo, env).stdout
                 pytest.fail(f"{what}: {failed} failed; `dvc queue logs {failed[0]}`:\n{log[-3000:]}")

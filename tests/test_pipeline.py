@@ -88,10 +88,16 @@ def test_repro_then_experiment(reproduced_pipeline, tmp_path):
 
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("cyclegan")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 2  # the baseline's and the experiment's: evaluate and report found theirs
+    # One run per pipeline run (evaluate and report found train's): the baseline's in the session
+    # repo's store, the experiment's in the copy's (copy_repo leaves the store behind).
+    def runs_in(root: Path) -> list:
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+        return client.search_runs([client.get_experiment_by_name("cyclegan").experiment_id])
+
+    (baseline,) = runs_in(reproduced_pipeline.repo)
+    assert baseline.data.params["lambda_cycle"] == "10.0" and "fid_A2B" in baseline.data.metrics
+    runs = runs_in(project)
+    assert len(runs) == 1, [r.data.params.get("lambda_cycle") for r in runs]
     ablation = [r for r in runs if r.data.params.get("lambda_cycle") == "5.0"]
     assert ablation, [r.data.params.get("lambda_cycle") for r in runs]
     assert {"fid_A2B", "kid_A2B", "fid_B2A", "kid_B2A"} <= set(ablation[0].data.metrics)

@@ -116,7 +116,9 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(tmp_path):
 
         # 3. Queued a third time: it resumes and finishes.
         _queue_and_start(repo, env, "third")
-        wait_for_experiments(repo, env, 1, 600, "`third` to finish")  # the first two failed: no refs
+        # The first two failed (no refs); DVC writes the ref, then cleans up: wait for Success.
+        wait_for_experiments(repo, env, 1, 500, "`third` to finish", failed_before=("first", "second"))
+        wait_for(lambda: _queue_state(repo, env, "third") != "Running", 120, "`third` to be done", poll=2)
         third_log = run([DVC, "queue", "logs", "third"], repo, env).stdout
         assert _queue_state(repo, env, "third") == "Success", third_log[-3000:]
         assert f"resuming from {folder / f'step_{second_killed_at:09d}.pt'}" in third_log, third_log[-3000:]

@@ -149,7 +149,7 @@ def sweep(tmp_path_factory, server):
         subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
                        check=True, timeout=120)
 
-    wait_for_experiments(repo, env, 2, 900, "the queued sweep")
+    wait_for_experiments(repo, env, 2, 450, "the queued sweep")
     logs.append(run([DVC, "queue", "stop"], repo, env))
     logs.append(subprocess.CompletedProcess([], 0, (repo.parent / "queue-start.log").read_text(), ""))
     return repo, env, logs

@@ -512,7 +512,7 @@ def test_three_queued_experiments_two_at_a_time_each_with_its_own_run(user_proje
     env = user_project.env
     run([DVC, "exp", "run", "--queue", "-S", "lambda_identity=0,0.5,1"], root, env)
     run(["bash", "-c", ONE_WORKER_PER_GPU], root, env)  # the README's recipe: `dvc queue start -j 2`, one GPU each
-    wait_for_experiments(root, env, 3, 1200, "three queued experiments")
+    wait_for_experiments(root, env, 3, 500, "three queued experiments")
     status = wait_for(lambda: (s := run([DVC, "queue", "status"], root, env).stdout) and "0 active" in s and s,
                       120, "the queue's workers to stop", poll=5)
     tasks = [line.split()[-1] for line in status.splitlines()[1:] if line.split() and line.split()[0] != "Worker"]
