@@ -329,6 +329,14 @@ def wait_for(condition, timeout: float, what: str, poll: float = 1.0):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (read in /proc: a zombie has exited, only its parent has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def exp_refs(repo: Path) -> dict[str, str]:
     """Experiment name -> commit of each finished `dvc exp run` in `repo`, read from .git itself
     (refs/exps/<baseline>/<name>, loose or packed): a wait that calls no subprocess."""

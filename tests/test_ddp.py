@@ -32,7 +32,7 @@ from cyclegan.model import LOSS_TERMS, CycleGAN
 from cyclegan.runtime import build_model
 from helpers import (VENV_BIN, assert_same_gradients, background_process, enter_project, free_port,
                      generator_weights, make_project, merge, mlflow_client, pipeline_repo, project_env, read_losses,
-                     record_gradients, require_tier, run, run_dir, run_id, run_train, set_params, wait_for)
+                     process_alive, record_gradients, require_tier, run, run_dir, run_id, run_train, set_params, wait_for)
 
 # Compared steps: from the third, rounding differences grow past 1e-4 (see the torchrun test).
 STEPS = 2
@@ -163,13 +163,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _alive(pid: int) -> bool:
-    try:  # a zombie has exited: only its parent (here init) has yet to reap it
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @contextlib.contextmanager
 def _nodes(roots: list[Path], port: int, restarts: int = 0) -> Iterator[list[subprocess.Popen]]:
     """A torchrun job of one process on each of `roots` (a machine each, sharing no files): the
@@ -261,7 +254,7 @@ def test_dvc_exp_run_trains_on_two_processes_and_resumes_after_a_kill(tmp_path):
         workers = _children(launcher.pid)
         assert len(workers) == 2 and checkpoint.newest_step(repo / folder) < 40
         os.kill(launcher.pid, signal.SIGKILL)
-        wait_for(lambda: not any(map(_alive, workers)), 10, "the workers to exit", poll=0.1)
+        wait_for(lambda: not any(map(process_alive, workers)), 10, "the workers to exit", poll=0.1)
     run(["git", "checkout", "params.yaml"], repo, env)
     exp = run([str(VENV_BIN / "dvc"), "exp", "run", "-S", "train.nproc_per_node=2", "train"], repo, env)
     assert f"resuming from {folder}" in exp.stdout, exp.stdout[-3000:]

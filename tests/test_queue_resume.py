@@ -17,7 +17,8 @@ import yaml
 
 from cyclegan import checkpoint, paths
 from cyclegan.errors import UserError
-from helpers import (TINY, VENV_BIN, make_project, merge, pipeline_repo, run, run_dir, run_train, wait_for,
+from helpers import (TINY, VENV_BIN, make_project, merge, pipeline_repo, process_alive, run, run_dir, run_train,
+                     wait_for,
                      wait_for_experiments)
 
 DVC = str(VENV_BIN / "dvc")
@@ -63,13 +64,7 @@ def _trainer(folder: Path) -> int:
 
 def _wait_until_failed(repo: Path, env: dict, name: str, pid: int) -> None:
     """The training process gone (watched in /proc), then `name` Failed in the queue."""
-    def gone() -> bool:
-        try:  # a zombie has exited: only its parent has yet to reap it
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
-
-    wait_for(gone, 120, f"`{name}`'s training process to end", poll=0.2)
+    wait_for(lambda: not process_alive(pid), 120, f"`{name}`'s training process to end", poll=0.2)
     wait_for(lambda: _queue_state(repo, env, name) == "Failed", 120, f"`{name}` to stop", poll=2)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, VENV_BIN, merge, pipeline_repo, run, wait_for
+from helpers import PIPELINE_PARAMS, VENV_BIN, merge, pipeline_repo, run, wait_for
 from servers import create_bucket, mlflow_server
 from slurm import slurm_cluster
 
@@ -28,11 +28,7 @@ DVC = str(VENV_BIN / "dvc")
 ADMIN = ("admin", "sweep-admin-password-7c1e")
 # 2 + 2 epochs of 12 images: 48 training steps, a checkpoint every 8, so that a task caught at its
 # first checkpoint is still training.
-PARAMS = merge(TINY, {
-    "data": {"toy": {"image_size": 32, "n_train_a": 12, "n_train_b": 12, "n_test": 4}},
-    "train": {"n_epochs": 2, "n_epochs_decay": 2, "log_every": 4, "checkpoint_every": 8},
-    "eval": {"batch_size": 4, "n_samples": 2},
-})
+PARAMS = merge(PIPELINE_PARAMS, {"train": {"n_epochs": 2, "n_epochs_decay": 2}})
 GRID = "lambda_cycle=5,10"
 # The project's own code, changed in its commit: the tasks must run it, not the installed package.
 MARKER = "cyclegan-sweep-test: the commit's own code"

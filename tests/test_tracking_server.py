@@ -21,19 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY, VENV_BIN, make_project, merge, pipeline_repo, run, wait_for, wait_for_experiments
+from helpers import PIPELINE_PARAMS, VENV_BIN, make_project, merge, pipeline_repo, run, wait_for, wait_for_experiments
 from servers import Restartable, create_bucket, free_ports, mlflow_server
 
 DVC = str(VENV_BIN / "dvc")
 ADMIN = ("admin", "admin-password-0123")
 USER = ("trainer", "trainer-secret-9f3a71c2")
 MODEL_NAME = "h2z-shared"
-PARAMS = merge(TINY, {
-    "data": {"toy": {"image_size": 32, "n_train_a": 12, "n_train_b": 12, "n_test": 4}},
-    "train": {"log_every": 4, "checkpoint_every": 8},
-    "eval": {"batch_size": 4, "n_samples": 2},
-    "tracking": {"register_as": MODEL_NAME},
-})
+PARAMS = merge(PIPELINE_PARAMS, {"tracking": {"register_as": MODEL_NAME}})
 
 
 def api(url: str, path: str, body: dict | None, auth: tuple[str, str]) -> dict:
